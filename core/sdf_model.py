@@ -1,0 +1,203 @@
+"""The 3D expert: PointNet encoder + local implicit (NIF) SDF decoder (SPEC 4.1, 4.4).
+
+Parameter names, shapes and registration order equal the authors' checkpoints
+(``encoder.*`` and ``NIF.*``, weight-normalised ``NIF.fc40`` ... ``NIF.fc46`` stored as
+``weight_g`` / ``weight_v``), so the published ``ckpt_000601.pth`` loads as it is.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LATENT_DIM = 128
+HIDDEN = 512
+N_WN_LAYERS = 7
+
+
+class PointNetEncoder(nn.Module):
+    """PointNet with BatchNorm: (B, P, 3) points -> (B, 128) non-negative latent (SPEC 4.1)."""
+
+    def __init__(self, latent_dim: int = LATENT_DIM):
+        super().__init__()
+        # Registration order matches the authors' state_dict: convs, fcs, then batch norms.
+        self.conv1 = nn.Conv1d(3, 64, 1)
+        self.conv2 = nn.Conv1d(64, 128, 1)
+        self.conv3 = nn.Conv1d(128, 1024, 1)
+        self.fc1 = nn.Linear(1024, 512)
+        self.fc2 = nn.Linear(512, latent_dim)
+        self.bn1 = nn.BatchNorm1d(64)
+        self.bn2 = nn.BatchNorm1d(128)
+        self.bn3 = nn.BatchNorm1d(1024)
+        self.bn4 = nn.BatchNorm1d(512)
+        self.bn5 = nn.BatchNorm1d(latent_dim)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        x = points.transpose(1, 2)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = torch.amax(x, dim=2)
+        x = F.relu(self.bn4(self.fc1(x)))
+        return F.relu(self.bn5(self.fc2(x)))
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer with weight normalisation along dim 0: ``W = g * v / ||v||_row``.
+
+    Stores ``bias``, ``weight_g`` (out, 1) and ``weight_v`` (out, in) exactly as the
+    legacy ``torch.nn.utils.weight_norm`` does, in the same order.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class LocalNIF(nn.Module):
+    """Local implicit decoder: (latent, point) -> signed distance (SPEC 4.1, geometric init)."""
+
+    def __init__(self, latent_dim: int = LATENT_DIM, hidden: int = HIDDEN):
+        super().__init__()
+        self.fc1 = nn.Linear(latent_dim, hidden)
+        self.fc2 = nn.Linear(3, hidden)
+        self.fc3 = nn.Linear(2 * hidden, hidden)
+        for i in range(N_WN_LAYERS):
+            setattr(self, f"fc4{i}", WeightNormLinear(hidden, hidden))
+        self.fc5 = nn.Linear(hidden, 1)
+        self._geometric_init(hidden)
+
+    @torch.no_grad()
+    def _geometric_init(self, hidden: int) -> None:
+        std = math.sqrt(2) / math.sqrt(hidden)
+        nn.init.normal_(self.fc3.weight, 0.0, std)
+        nn.init.zeros_(self.fc3.bias)
+        for layer in self.hidden_layers:
+            nn.init.normal_(layer.weight_v, 0.0, std)
+            layer.weight_g.copy_(layer.weight_v.norm(dim=1, keepdim=True))
+        nn.init.normal_(self.fc5.weight, 2 * math.sqrt(math.pi) / math.sqrt(hidden), 1e-6)
+        nn.init.constant_(self.fc5.bias, -0.5)
+
+    @property
+    def hidden_layers(self) -> list[WeightNormLinear]:
+        return [getattr(self, f"fc4{i}") for i in range(N_WN_LAYERS)]
+
+    def latent_code(self, latent: torch.Tensor) -> torch.Tensor:
+        """The latent's contribution to fc3, computed once per patch: (B, 128) -> (B, 512).
+
+        fc3 acts on ``[relu(fc2(x)), relu(fc1(z))]``; its latent half (plus bias) is the same
+        for every point of a patch, so it is evaluated once instead of once per point.
+        """
+        f = F.relu(self.fc1(latent))
+        return F.linear(f, self.fc3.weight[:, self.fc2.out_features:], self.fc3.bias)
+
+    def forward_with_code(self, code: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Decode points (B, P, 3) given ``code = latent_code(z)`` (B, 512) -> sdf (B, P, 1)."""
+        h = F.relu(self.fc2(points))
+        u = F.relu(F.linear(h, self.fc3.weight[:, : self.fc2.out_features]) + code.unsqueeze(1))
+        for layer in self.hidden_layers:
+            u = F.relu(layer(u))
+        return self.fc5(u)
+
+    def forward(self, latent: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """sdf (B, P, 1) of points (B, P, 3) under per-patch latents (B, 128)."""
+        return self.forward_with_code(self.latent_code(latent), points)
+
+
+class SDFModel(nn.Module):
+    """The 3D expert: ``encoder`` (PointNet) and ``NIF`` (decoder), as in the authors' checkpoints."""
+
+    def __init__(self, latent_dim: int = LATENT_DIM):
+        super().__init__()
+        self.encoder = PointNetEncoder(latent_dim)
+        self.NIF = LocalNIF(latent_dim)
+
+    def forward(self, surface: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """sdf (B, P, 1) of ``queries`` for the shape encoded from ``surface`` (B, 500, 3)."""
+        return self.NIF(self.encoder(surface), queries)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded into :class:`SDFModel`."""
+
+
+_PARAMETRIZED = {"parametrizations.weight.original0": "weight_g",
+                 "parametrizations.weight.original1": "weight_v"}
+
+
+def normalize_state_dict(state: dict) -> dict:
+    """Map the accepted key variants onto this module's names.
+
+    Accepts the legacy weight-norm names (``weight_g``/``weight_v``, the authors' format),
+    the parametrised names (``parametrizations.weight.original0/1``) and a ``module.``
+    prefix left by ``DataParallel``.
+    """
+    out = {}
+    for key, value in state.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        for new, old in _PARAMETRIZED.items():
+            if key.endswith(new):
+                key = key[: -len(new)] + old
+        out[key] = value
+    return out
+
+
+def load_sdf_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                        ) -> tuple[SDFModel, int]:
+    """Load a checkpoint ``{'sdf_model': state_dict, 'current_iteration': int}`` (or a bare state_dict).
+
+    Returns the model (on ``map_location``, eval mode) and its iteration (-1 if absent).
+    Raises :class:`CheckpointError` naming the file and listing missing/unexpected keys
+    or wrong shapes on any mismatch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    state = ckpt.get("sdf_model", ckpt)
+    iteration = int(ckpt.get("current_iteration", -1)) if "sdf_model" in ckpt else -1
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: 'sdf_model' is not a state_dict")
+    state = normalize_state_dict(state)
+    model = SDFModel()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: not an SDF model checkpoint of this architecture; "
+                              f"missing keys: {missing}; unexpected keys: {unexpected}")
+    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(f"{path}: wrong tensor shapes: {wrong}")
+    model.load_state_dict(state)
+    return model.to(map_location).eval(), iteration
+
+
+def save_sdf_checkpoint(path: str | os.PathLike, model: SDFModel, iteration: int, **extra) -> None:
+    """Atomically write ``{'sdf_model': state_dict, 'current_iteration': iteration, **extra}``."""
+    from utils.io import atomic_path
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"sdf_model": state, "current_iteration": int(iteration), **extra}, tmp)

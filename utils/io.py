@@ -1,0 +1,157 @@
+"""File I/O shared by every stage: readers with clear errors, atomic writers.
+
+Every reader raises :class:`DataError` naming the file and what is wrong with it.
+Every writer is atomic: it writes a temporary file next to the destination and
+renames it over the destination only once the file is complete, so an
+interrupted run never leaves a half-written file that looks finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad or missing input data. The message always names the offending path."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the destination folder; rename it onto ``path`` on success.
+
+    The temporary name keeps the destination's suffix (writers such as tifffile or
+    Pillow pick the format from it). On any exception the temporary file is removed
+    and the destination is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_xyz(path: str | os.PathLike, xyz: np.ndarray, compression: str | None = None) -> None:
+    """Atomically write an organised point cloud (H, W, 3) float32 as TIFF."""
+    import tifffile
+
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise ValueError(f"{path}: expected an (H, W, 3) array, got shape {xyz.shape}")
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, xyz, compression=compression)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Atomically write a uint8 image, (H, W) gray or (H, W, 3) RGB, as PNG."""
+    from PIL import Image
+
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"{path}: expected uint8 image, got {image.dtype}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def save_npz(path: str | os.PathLike, compressed: bool = True, **arrays: np.ndarray) -> None:
+    """Atomically write arrays to an ``.npz`` archive (``np.savez[_compressed]`` format)."""
+    saver = np.savez_compressed if compressed else np.savez
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object stops numpy from appending ".npz"
+            saver(fh, **arrays)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write a UTF-8 text file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Atomically copy ``src`` to ``dst`` (contents and permission bits)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        shutil.copymode(src, tmp)
+
+
+# ----------------------------------------------------------------------------- readers
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+
+
+def read_xyz(path: str | os.PathLike) -> np.ndarray:
+    """Read an organised point cloud TIFF as float32 (H, W, 3).
+
+    Raises :class:`DataError` for a missing, unreadable or corrupt file, or one whose
+    array is not (H, W, 3) floating point.
+    """
+    import tifffile
+
+    path = Path(path)
+    _require_file(path)
+    try:
+        arr = tifffile.imread(path)
+    except Exception as exc:  # tifffile raises many types for corrupt data
+        raise DataError(f"{path}: cannot read TIFF ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+        raise DataError(f"{path}: expected an organised point cloud of shape (H, W, 3), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{path}: expected floating-point xyz coordinates, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _read_image(path: Path, mode: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    _require_file(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if mode == "L" and img.mode not in ("L", "1", "P", "I", "I;16", "RGB", "RGBA", "LA"):
+                raise DataError(f"{path}: unsupported image mode {img.mode!r} for a mask")
+            arr = np.asarray(img.convert(mode))
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    return np.ascontiguousarray(arr)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 RGB (H, W, 3). Raises :class:`DataError` if unreadable."""
+    return _read_image(Path(path), "RGB")
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """Read an image (e.g. a ground-truth mask) as uint8 grayscale (H, W)."""
+    return _read_image(Path(path), "L")
+
+
+def load_npz(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Load an ``.npz`` archive fully into memory, checking that ``keys`` are present."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: cannot read npz archive ({type(exc).__name__}: {exc})") from exc
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; found {sorted(out)}")
+    return out
