@@ -48,8 +48,9 @@ def omp(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) -> torch.Tenso
     for every row ``b`` (same supports, coefficients to float32 rounding).
     """
     _check_inputs(x, atoms, n_nonzero)
-    out_dtype = torch.promote_types(x.dtype, atoms.dtype)
-    eps = torch.finfo(out_dtype).eps if out_dtype.is_floating_point else torch.finfo(torch.float32).eps
+    # scikit-learn works in the query's dtype when it is float32, otherwise in float64
+    out_dtype = torch.float32 if x.dtype == torch.float32 else torch.float64
+    eps = torch.finfo(out_dtype).eps
     B, K, _ = atoms.shape
     dev = atoms.device
     a64 = atoms.to(torch.float64)
@@ -59,7 +60,8 @@ def omp(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) -> torch.Tenso
     rows = torch.arange(B, device=dev)
     perm = torch.arange(K, device=dev).expand(B, K).clone()            # working order -> atom id
     support = torch.zeros(B, n_nonzero, dtype=torch.long, device=dev)  # atom ids in selection order
-    chol = torch.zeros(B, n_nonzero, n_nonzero, dtype=torch.float64, device=dev)
+    # identity beyond the active block keeps the solves of stopped rows finite
+    chol = torch.eye(n_nonzero, dtype=torch.float64, device=dev).repeat(B, 1, 1)
     gamma = torch.zeros(B, n_nonzero, dtype=torch.float64, device=dev)
     running = torch.ones(B, dtype=torch.bool, device=dev)
     alpha = cov
@@ -91,9 +93,7 @@ def omp(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) -> torch.Tenso
         perm = torch.where(ok.unsqueeze(1), swapped, perm)
         n = s + 1
         c_s = cov.gather(1, support[:, :n])
-        l_n = chol[:, :n, :n].clone()
-        l_n[~ok] = torch.eye(n, dtype=torch.float64, device=dev)       # keep stopped rows finite
-        new_gamma = torch.cholesky_solve(c_s.unsqueeze(2), l_n).squeeze(2)
+        new_gamma = torch.cholesky_solve(c_s.unsqueeze(2), chol[:, :n, :n]).squeeze(2)
         gamma[:, :n] = torch.where(ok.unsqueeze(1), new_gamma, gamma[:, :n])
         g_cols = gram.gather(2, support[:, :n].unsqueeze(1).expand(B, K, n))         # (B, K, n)
         alpha = torch.where(ok.unsqueeze(1), cov - (g_cols @ gamma[:, :n].unsqueeze(2)).squeeze(2), alpha)

@@ -53,7 +53,7 @@ def write_xyz(path: str | os.PathLike, xyz: np.ndarray, compression: str | None 
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise ValueError(f"{path}: expected an (H, W, 3) array, got shape {xyz.shape}")
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, xyz, compression=compression)
+        tifffile.imwrite(tmp, xyz, photometric="rgb", compression=compression)
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:

@@ -1,0 +1,34 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PARITY = SHARED / "parity"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    """The authors' parity fixture (read-only: copy before anything writes)."""
+    if not PARITY.is_dir():
+        pytest.fail(f"parity fixture not found at {PARITY}")
+    return PARITY

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from utils.io import (DataError, atomic_path, copy_file, load_npz, read_gray, read_rgb, read_xyz, save_npz,
+                      write_png, write_text, write_xyz)
+
+
+def test_xyz_roundtrip(tmp_path):
+    xyz = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+    write_xyz(tmp_path / "a.tiff", xyz)
+    np.testing.assert_array_equal(read_xyz(tmp_path / "a.tiff"), xyz)
+    assert not [p for p in tmp_path.iterdir() if ".part" in p.name]
+
+
+def test_png_roundtrip(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, size=(6, 4, 3), dtype=np.uint8)
+    write_png(tmp_path / "a.png", rgb)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "a.png"), rgb)
+    gray = rgb[..., 0].copy()
+    write_png(tmp_path / "g.png", gray)
+    np.testing.assert_array_equal(read_gray(tmp_path / "g.png"), gray)
+
+
+def test_atomic_path_keeps_destination_on_failure(tmp_path):
+    dst = tmp_path / "keep.txt"
+    dst.write_text("original")
+    with pytest.raises(RuntimeError):
+        with atomic_path(dst) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert dst.read_text() == "original"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_write_text_and_copy(tmp_path):
+    write_text(tmp_path / "a" / "b.txt", "hello")
+    copy_file(tmp_path / "a" / "b.txt", tmp_path / "c" / "d.txt")
+    assert (tmp_path / "c" / "d.txt").read_text() == "hello"
+
+
+def test_npz_roundtrip_and_missing_key(tmp_path):
+    save_npz(tmp_path / "x.npz", a=np.arange(3), b=np.ones((2, 2), np.float32))
+    data = load_npz(tmp_path / "x.npz", ("a", "b"))
+    np.testing.assert_array_equal(data["a"], np.arange(3))
+    with pytest.raises(DataError, match=r"x\.npz: missing key\(s\) \['c'\]"):
+        load_npz(tmp_path / "x.npz", ("a", "c"))
+
+
+@pytest.mark.parametrize("reader,name", [(read_xyz, "a.tiff"), (read_rgb, "a.png"), (read_gray, "a.png"),
+                                         (load_npz, "a.npz")])
+def test_missing_file_names_path(tmp_path, reader, name):
+    with pytest.raises(DataError, match=f"{name}: file not found"):
+        reader(tmp_path / name)
+
+
+@pytest.mark.parametrize("reader,name", [(read_xyz, "bad.tiff"), (read_rgb, "bad.png"), (load_npz, "bad.npz")])
+def test_corrupt_file_names_path(tmp_path, reader, name):
+    (tmp_path / name).write_bytes(b"this is not an image or archive" * 10)
+    with pytest.raises(DataError, match=f"bad\\.(tiff|png|npz): cannot read"):
+        reader(tmp_path / name)
+
+
+def test_truncated_tiff(tmp_path):
+    write_xyz(tmp_path / "t.tiff", np.ones((64, 64, 3), np.float32))
+    data = (tmp_path / "t.tiff").read_bytes()
+    (tmp_path / "t.tiff").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"t\.tiff: cannot read TIFF"):
+        read_xyz(tmp_path / "t.tiff")
+
+
+def test_xyz_wrong_shape_and_dtype(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "s.tiff", np.ones((8, 8), np.float32))
+    with pytest.raises(DataError, match=r"s\.tiff: expected an organised point cloud of shape \(H, W, 3\), got \(8, 8\)"):
+        read_xyz(tmp_path / "s.tiff")
+    tifffile.imwrite(tmp_path / "d.tiff", np.ones((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"d\.tiff: expected floating-point .* got dtype uint8"):
+        read_xyz(tmp_path / "d.tiff")
