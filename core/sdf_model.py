@@ -116,6 +116,33 @@ class LocalNIF(nn.Module):
         """sdf (B, P, 1) of points (B, P, 3) under per-patch latents (B, 128)."""
         return self.forward_with_code(self.latent_code(latent), points)
 
+    def forward_with_gradient(self, code: torch.Tensor, points: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sdf (B, P, 1) and its gradient with respect to ``points`` (B, P, 3) (SPEC 4.2).
+
+        The gradient is the exact chain rule of the ReLU network written out
+        (``w5 -> mask * w -> ... -> W2``), so it equals ``autograd.grad(sdf.sum(), points,
+        create_graph=True)`` and stays differentiable in the parameters: one ordinary
+        backward pass of a loss built on it gives the second-order terms of the reference's
+        double backprop, and the whole computation can be ``torch.compile``-d.
+        """
+        split = self.fc2.out_features
+        weights = [self.fc2.weight, self.fc3.weight[:, :split]]
+        pre = self.fc2(points)
+        masks = [pre > 0]
+        pre = F.linear(F.relu(pre), weights[1]) + code.unsqueeze(1)
+        masks.append(pre > 0)
+        for layer in self.hidden_layers:
+            weight = layer.weight
+            weights.append(weight)
+            pre = F.linear(F.relu(pre), weight, layer.bias)
+            masks.append(pre > 0)
+        sdf = self.fc5(F.relu(pre))
+        grad = self.fc5.weight                                   # d sdf / d u, (1, 512)
+        for mask, weight in zip(reversed(masks), reversed(weights)):
+            grad = (grad * mask) @ weight
+        return sdf, grad
+
 
 class SDFModel(nn.Module):
     """The 3D expert: ``encoder`` (PointNet) and ``NIF`` (decoder), as in the authors' checkpoints."""
@@ -157,14 +184,8 @@ def normalize_state_dict(state: dict) -> dict:
     return out
 
 
-def load_sdf_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
-                        ) -> tuple[SDFModel, int]:
-    """Load a checkpoint ``{'sdf_model': state_dict, 'current_iteration': int}`` (or a bare state_dict).
-
-    Returns the model (on ``map_location``, eval mode) and its iteration (-1 if absent).
-    Raises :class:`CheckpointError` naming the file and listing missing/unexpected keys
-    or wrong shapes on any mismatch.
-    """
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint file as a dict (tensors only, ``weights_only``); :class:`CheckpointError` if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -174,23 +195,47 @@ def load_sdf_checkpoint(path: str | os.PathLike, map_location: str | torch.devic
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, source: str | os.PathLike = "checkpoint") -> SDFModel:
+    """Build an :class:`SDFModel` (CPU, train mode) from a checkpoint dict or a bare state_dict.
+
+    Raises :class:`CheckpointError` naming ``source`` and listing missing/unexpected keys
+    or wrong shapes on any mismatch.
+    """
     state = ckpt.get("sdf_model", ckpt)
-    iteration = int(ckpt.get("current_iteration", -1)) if "sdf_model" in ckpt else -1
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: 'sdf_model' is not a state_dict")
+        raise CheckpointError(f"{source}: 'sdf_model' is not a state_dict")
     state = normalize_state_dict(state)
     model = SDFModel()
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: not an SDF model checkpoint of this architecture; "
+        raise CheckpointError(f"{source}: not an SDF model checkpoint of this architecture; "
                               f"missing keys: {missing}; unexpected keys: {unexpected}")
-    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [f"{k}: {tuple(getattr(state[k], 'shape', ()))} != {tuple(v.shape)}"
+             for k, v in expected.items()
+             if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
-        raise CheckpointError(f"{path}: wrong tensor shapes: {wrong}")
+        raise CheckpointError(f"{source}: wrong tensor shapes: {wrong}")
     model.load_state_dict(state)
+    return model
+
+
+def load_sdf_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                        ) -> tuple[SDFModel, int]:
+    """Load a checkpoint ``{'sdf_model': state_dict, 'current_iteration': int}`` (or a bare state_dict).
+
+    Returns the model (on ``map_location``, eval mode) and its iteration (-1 if absent).
+    Extra keys (this project's ``optimizer`` / ``epochs_done``) are ignored.
+    Raises :class:`CheckpointError` naming the file and listing missing/unexpected keys
+    or wrong shapes on any mismatch.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    iteration = int(ckpt.get("current_iteration", -1)) if "sdf_model" in ckpt else -1
+    model = model_from_checkpoint(ckpt, path)
     return model.to(map_location).eval(), iteration
 
 

@@ -11,8 +11,10 @@ over the ``n_nonzero`` greedy steps:
   working order (it swaps every selected atom to the front of that order).
 * A row stops early (its code keeps the atoms selected so far) when ``λ`` is already
   active, when ``α_λ² < ε``, or, from the second atom on, when the new Cholesky pivot
-  ``Gm_λλ − ‖L⁻¹ Gm_{S,λ}‖²`` is ``≤ ε`` (linearly dependent atom); ``ε`` is the machine
-  epsilon of the input dtype (scikit-learn's ``np.finfo(Gram.dtype).eps``).
+  ``Gm_λλ − ‖L⁻¹ Gm_{S,λ}‖²`` is ``≤ ε`` (linearly dependent atom). ``ε`` is scikit-learn's
+  ``np.finfo(Gram.dtype).eps`` with the Gram in the query's dtype: float32 machine epsilon
+  for float32 queries (the reference), float64's otherwise. Both tests use absolute
+  thresholds, so they depend on the scale of the features.
 * Otherwise ``λ`` joins the active set ``S``, ``Gm_SS γ = c_S`` is solved through the
   Cholesky factor, and ``α = c − Gm_{:,S} γ``.
 
@@ -41,16 +43,15 @@ def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int) -> None:
         raise ValueError(f"n_nonzero={n_nonzero} exceeds the number of atoms K={atoms.shape[1]}")
 
 
-def omp(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) -> torch.Tensor:
-    """Sparse codes (B, K) of queries ``x`` (B, D) over per-row dictionaries ``atoms`` (B, K, D).
+def _result_dtype(x: torch.Tensor) -> torch.dtype:
+    """scikit-learn works in the query's dtype when it is float32, otherwise in float64."""
+    return torch.float32 if x.dtype == torch.float32 else torch.float64
 
-    Equal to ``sparse_encode(x[b:b+1], atoms[b], algorithm='omp', n_nonzero_coefs=n_nonzero)``
-    for every row ``b`` (same supports, coefficients to float32 rounding).
-    """
+
+def _omp_float64(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int) -> torch.Tensor:
+    """The batched Gram-OMP of the module docstring; float64 codes (B, K)."""
     _check_inputs(x, atoms, n_nonzero)
-    # scikit-learn works in the query's dtype when it is float32, otherwise in float64
-    out_dtype = torch.float32 if x.dtype == torch.float32 else torch.float64
-    eps = torch.finfo(out_dtype).eps
+    eps = torch.finfo(_result_dtype(x)).eps
     B, K, _ = atoms.shape
     dev = atoms.device
     a64 = atoms.to(torch.float64)
@@ -100,14 +101,29 @@ def omp(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) -> torch.Tenso
 
     codes = torch.zeros(B, K, dtype=torch.float64, device=dev)
     codes.scatter_add_(1, support, gamma)  # unused slots hold atom 0 with coefficient 0
-    return codes.to(out_dtype)
+    return codes
+
+
+def omp(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) -> torch.Tensor:
+    """Sparse codes (B, K) of queries ``x`` (B, D) over per-row dictionaries ``atoms`` (B, K, D).
+
+    Equal to ``sparse_encode(x[b:b+1], atoms[b], algorithm='omp', n_nonzero_coefs=n_nonzero)``
+    for every row ``b`` (same supports, coefficients to float32 rounding), in the same dtype
+    (float32 for float32 queries). Raises ValueError, like scikit-learn, if ``n_nonzero > K``.
+    """
+    return _omp_float64(x, atoms, n_nonzero).to(_result_dtype(x))
 
 
 def omp_reconstruct(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (B, K) of :func:`omp` and the reconstructions ``Σ_k code_k · atom_k`` (B, D)."""
-    codes = omp(x, atoms, n_nonzero)
-    recon = (codes.to(torch.float64).unsqueeze(1) @ atoms.to(torch.float64)).squeeze(1)
-    return codes, recon.to(codes.dtype)
+    """Codes (B, K) of :func:`omp` and the reconstructions ``Σ_k code_k · atom_k`` (B, D).
+
+    The reconstruction is formed in float64 from the unrounded codes; both outputs are
+    returned in :func:`omp`'s dtype.
+    """
+    codes = _omp_float64(x, atoms, n_nonzero)
+    recon = (codes.unsqueeze(1) @ atoms.to(device=codes.device, dtype=torch.float64)).squeeze(1)
+    dtype = _result_dtype(x)
+    return codes.to(dtype), recon.to(dtype)
 
 
 def sklearn_omp_reference(x: np.ndarray, atoms: np.ndarray, n_nonzero: int = 3) -> np.ndarray:

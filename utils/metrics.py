@@ -30,6 +30,10 @@ _STACK_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _STACK_STRUCTURE[1] = True
 
 
+class UndefinedMetricError(ValueError):
+    """A metric that the given labels cannot define (e.g. AU-PRO without any defect)."""
+
+
 def _undefined(metric: str, why: str) -> float:
     warnings.warn(f"{metric} is undefined: {why}; reporting NaN", RuntimeWarning, stacklevel=3)
     return float("nan")
@@ -72,28 +76,30 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     if n_pos == 0 or n_neg == 0:
         return _undefined("pixel AUROC", "all pixels have the same ground-truth label")
     all_sorted = np.sort(scores)
-    # For every positive: negatives strictly below it count 1, negatives tied with it 1/2.
-    below = np.searchsorted(all_sorted, pos_scores, "left") - np.searchsorted(pos_scores, pos_scores, "left")
-    tied = np.searchsorted(all_sorted, pos_scores, "right") - np.searchsorted(pos_scores, pos_scores, "right")
-    tied -= 0  # placeholder
-    twice_u = int(2 * below.sum(dtype=np.int64) + (tied - below).sum(dtype=np.int64))
+    # Each positive scores 1 per negative strictly below it and 1/2 per tied negative,
+    # so 2U = sum(#negatives < p) + sum(#negatives <= p).
+    neg_lt = np.searchsorted(all_sorted, pos_scores, "left") - np.searchsorted(pos_scores, pos_scores, "left")
+    neg_le = np.searchsorted(all_sorted, pos_scores, "right") - np.searchsorted(pos_scores, pos_scores, "right")
+    twice_u = int(neg_lt.sum(dtype=np.int64) + neg_le.sum(dtype=np.int64))
     return twice_u / (2 * n_pos * n_neg)
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray, num_thresholds: int = NUM_THRESHOLDS) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(
+    masks: np.ndarray, maps: np.ndarray, num_thresholds: int = NUM_THRESHOLDS
+) -> tuple[np.ndarray, np.ndarray]:
     """The reference PRO curve (SPEC 9 steps 1-4): ``(fprs, pros)`` by ascending FPR.
 
     ``masks`` (T, H, W) binary ground truth; ``maps`` (T, H, W) scores. Returns
-    ``num_thresholds + 1`` points, the first 100 from the highest to the lowest
-    threshold, then (1, 1). Raises ``ValueError`` when there are no OK pixels or no
-    ground-truth component (the curve is undefined).
+    ``num_thresholds + 1`` points: one per threshold from the highest (FPR 0) to the
+    lowest, then (1, 1). Raises :class:`UndefinedMetricError` when there is no OK pixel
+    or no ground-truth component.
     """
     masks = np.asarray(masks)
     maps = np.asarray(maps)
     if masks.ndim == 2:
         masks, maps = masks[None], maps[None]
     if masks.shape != maps.shape or masks.ndim != 3:
-        raise ValueError(f"pro_curve: expected masks and maps of the same (T, H, W) shape, got {masks.shape} and {maps.shape}")
+        raise ValueError(f"pro_curve: masks {masks.shape} and maps {maps.shape} must share one (T, H, W) shape")
 
     labeled, n_comp = ndimage.label(masks != 0, structure=_STACK_STRUCTURE)
     labeled = labeled.ravel()
@@ -102,7 +108,7 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, num_thresholds: int = NUM_THR
     ok_scores = scores[ok]
     n = ok_scores.size
     if n == 0 or n_comp == 0:
-        raise ValueError("pro_curve: need at least one anomaly-free pixel and one ground-truth region")
+        raise UndefinedMetricError("PRO curve needs at least one anomaly-free pixel and one ground-truth region")
 
     # Thresholds: the OK scores at the given positions of their ascending order.
     positions = np.linspace(0, n - 1, num=num_thresholds, dtype=np.int64)
@@ -162,9 +168,7 @@ def au_pro(
     """
     try:
         fprs, pros = pro_curve(masks, maps, num_thresholds)
-    except ValueError as exc:
-        if "need at least one" not in str(exc):
-            raise
+    except UndefinedMetricError:
         nan = _undefined("AU-PRO", "no ground-truth region or no anomaly-free pixel")
         return {float(limit): nan for limit in limits}
     return {float(limit): trapezoid_area(fprs, pros, limit) / limit for limit in limits}

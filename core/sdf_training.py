@@ -1,0 +1,361 @@
+"""Pretraining of the 3D expert (SPEC 4.2-4.3): data, PCP loss, Adam loop, checkpoints.
+
+Data (SPEC 4.3, FIX 11.17): every patch of ``<grid>/PRETRAIN_DATA/*/*.npz`` (files sorted)
+is one item holding ``C`` noise copies (``C = 20`` for the SPEC 3.5 recipe) of ``point_num``
+queries and their nearest-surface targets. All of it is held as float32 arrays of shape
+``(N, C, point_num, 3)``:
+
+* up to ``in_memory_limit`` bytes (default 4 GiB for both arrays together) in RAM;
+* beyond that, converted once into ``<grid>/PRETRAIN_DATA/.cache/{queries,targets}.npy``
+  (uncompressed float32, written atomically, ``manifest.json`` written last names the source
+  files with their sizes and modification times) and memory-mapped. A later run reuses the
+  cache while the manifest matches the files and rebuilds it otherwise.
+
+Randomness (SPEC 4.3, KEEP 11.15; FIX 11.9: seeded): epoch ``e`` draws its shuffle and its
+one noise copy per patch from ``numpy.random.default_rng([seed, e])``, and the model's
+initialisation from ``torch.manual_seed(seed)``. Nothing else is random, so a run resumed
+from a checkpoint written after epoch ``e`` continues exactly as the uninterrupted run.
+Only full batches are used (incomplete last batch dropped).
+
+Epochs (KEEP the authors' meaning): ``epoch=E`` runs the epochs ``0 ... E`` (``E + 1``
+passes, so ``E = 1000`` is the authors' schedule). After epoch ``e`` with
+``e % save_every == 0`` the weights are saved as ``ckpt_{e:06d}.pth`` with
+``current_iteration = e``, and after the last epoch once more as ``ckpt_{E+1:06d}.pth`` with
+``current_iteration = E + 1``. Our checkpoints add ``optimizer`` (Adam state) and
+``epochs_done`` (epochs whose updates the weights contain) for ``resume``; files without
+them (the authors') resume at epoch ``current_iteration + 1`` with fresh Adam moments.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import shutil
+import zipfile
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.sdf_model import SDFModel, model_from_checkpoint, read_checkpoint, save_sdf_checkpoint
+from utils.io import DataError, atomic_path, load_npz, write_text
+
+PRETRAIN_DIR = "PRETRAIN_DATA"
+PRETRAIN_KEYS = ("samples_all", "points_all", "origins_all")
+CACHE_DIR = ".cache"
+IN_MEMORY_LIMIT = 4 * 2**30
+NORMAL_EPS = 1e-12          # pytorch_safe_norm's epsilon (SPEC 4.2 step 4)
+LOG_NAME = "train_states.txt"
+CONFIG_NAME = "Congiguration"  # (sic) as the authors name it
+
+
+# ----------------------------------------------------------------------------- data
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the arrays of an ``.npz`` archive, read from the headers only."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                with zf.open(name) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version not in readers:
+                        raise ValueError(f"unsupported .npy format version {version} of {name}")
+                    shape, _, dtype = readers[version](fh)
+                out[name.removesuffix(".npy")] = (tuple(shape), np.dtype(dtype))
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: cannot read npz archive ({type(exc).__name__}: {exc})") from exc
+    return out
+
+
+def pretrain_files(grid_path: str | os.PathLike) -> list[Path]:
+    """The pretraining files ``<grid>/PRETRAIN_DATA/<cls>/*.npz``, sorted (SPEC 4.3).
+
+    Raises :class:`DataError` naming the folder when it is missing or holds no file.
+    """
+    folder = Path(grid_path) / PRETRAIN_DIR
+    hint = (f"create it with `python cut_patches.py --datasets_path <preprocessed data set> "
+            f"--save_grid_path {Path(grid_path)} --pretrain`")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: pretraining data folder not found; {hint}")
+    files = sorted(p for p in folder.glob("*/*.npz") if p.is_file())
+    if not files:
+        raise DataError(f"{folder}: no pretraining files (<class>/NNN.npz) found; {hint}")
+    return files
+
+
+class PretrainSet:
+    """All pretraining patches: ``queries`` / ``targets`` float32 arrays (N, C, point_num, 3).
+
+    ``queries[i, c]`` are the 500 noisy queries of noise copy ``c`` of patch ``i`` (rows
+    ``c*500 ... c*500+499`` of the file's ``samples_all``), ``targets[i, c]`` their
+    nearest-surface points (``points_all``). See the module docstring for RAM vs memory map.
+    """
+
+    def __init__(self, grid_path: str | os.PathLike, point_num: int = 500,
+                 in_memory_limit: int = IN_MEMORY_LIMIT, progress: bool = True):
+        self.files = pretrain_files(grid_path)
+        self.point_num = point_num
+        self.counts, self.n_copies = self._check(self.files, point_num)
+        shape = (int(sum(self.counts)), self.n_copies, point_num, 3)
+        nbytes = 2 * int(np.prod(shape)) * 4
+        if nbytes <= in_memory_limit:
+            self.cache = None
+            self.queries = np.empty(shape, np.float32)
+            self.targets = np.empty(shape, np.float32)
+            self._fill(self.queries, self.targets, progress)
+        else:
+            self.cache = Path(grid_path) / PRETRAIN_DIR / CACHE_DIR
+            self.queries, self.targets = self._memory_map(shape, nbytes, progress)
+
+    @staticmethod
+    def _check(files: list[Path], point_num: int) -> tuple[list[int], int]:
+        """Validate every file from its headers; return patch counts and the copy count."""
+        counts, n_copies = [], None
+        for path in files:
+            heads = _npz_headers(path)
+            missing = [k for k in PRETRAIN_KEYS if k not in heads]
+            if missing:
+                raise DataError(f"{path}: missing key(s) {missing}; found {sorted(heads)}")
+            (origins, _), (samples, s_dtype), (points, p_dtype) = (heads[k] for k in
+                                                                   ("origins_all", "samples_all", "points_all"))
+            if len(origins) != 3 or origins[2] != 3:
+                raise DataError(f"{path}: origins_all should be (G, K, 3), got {origins}")
+            if origins[1] != point_num:
+                raise DataError(f"{path}: the grid's patches hold {origins[1]} points but --point_num is "
+                                f"{point_num}; pass --point_num {origins[1]} or recut the pretraining data")
+            if (len(samples) != 3 or samples != points or samples[0] != origins[0] or samples[2] != 3
+                    or samples[1] % point_num or samples[1] == 0):
+                raise DataError(f"{path}: samples_all {samples} and points_all {points} should both be "
+                                f"(G, C*{point_num}, 3) with G = {origins[0]} patches")
+            if not (np.issubdtype(s_dtype, np.floating) and np.issubdtype(p_dtype, np.floating)):
+                raise DataError(f"{path}: samples_all/points_all must be floating point, got {s_dtype}/{p_dtype}")
+            copies = samples[1] // point_num
+            if n_copies not in (None, copies):
+                raise DataError(f"{path}: {copies} noise copies per patch, other files have {n_copies}")
+            n_copies = copies
+            counts.append(origins[0])
+        if sum(counts) == 0:
+            raise DataError(f"{files[0].parent.parent}: the pretraining files hold no patches")
+        return counts, n_copies
+
+    def _fill(self, queries: np.ndarray, targets: np.ndarray, progress: bool) -> None:
+        start = 0
+        for path, count in zip(tqdm(self.files, desc="Loading pretraining data", disable=not progress),
+                               self.counts):
+            data = load_npz(path, PRETRAIN_KEYS[:2])
+            queries[start:start + count] = data["samples_all"].reshape(queries[start:start + count].shape)
+            targets[start:start + count] = data["points_all"].reshape(targets[start:start + count].shape)
+            start += count
+
+    def _manifest(self, shape: tuple[int, ...]) -> dict:
+        root = self.cache.parent
+        return dict(shape=list(shape), dtype="float32",
+                    files=[[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                           for p in self.files])
+
+    def _memory_map(self, shape: tuple[int, ...], nbytes: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        manifest_path = self.cache / "manifest.json"
+        paths = (self.cache / "queries.npy", self.cache / "targets.npy")
+        manifest = self._manifest(shape)
+        try:
+            current = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        except (OSError, ValueError):
+            current = None
+        if current != manifest or not all(p.is_file() for p in paths):
+            try:
+                self.cache.mkdir(parents=True, exist_ok=True)
+                manifest_path.unlink(missing_ok=True)
+                if shutil.disk_usage(self.cache).free < nbytes:
+                    raise DataError(f"{self.cache}: {nbytes / 2**30:.1f} GiB needed for the float32 cache of "
+                                    f"the pretraining data, {shutil.disk_usage(self.cache).free / 2**30:.1f} "
+                                    f"GiB free")
+                with ExitStack() as stack:
+                    tmps = [stack.enter_context(atomic_path(p)) for p in paths]
+                    arrays = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float32, shape=shape)
+                              for t in tmps]
+                    self._fill(*arrays, progress)
+                    for a in arrays:
+                        a.flush()
+                    del arrays
+                write_text(manifest_path, json.dumps(manifest) + "\n")
+            except OSError as exc:
+                raise DataError(f"{self.cache}: cannot write the memory-mapped cache of the pretraining data "
+                                f"({type(exc).__name__}: {exc})") from exc
+        queries, targets = (np.load(p, mmap_mode="r") for p in paths)
+        if queries.shape != shape or targets.shape != shape:
+            raise DataError(f"{self.cache}: cache arrays {queries.shape}/{targets.shape} do not match {shape}; "
+                            f"delete the folder")
+        return queries, targets
+
+    def __len__(self) -> int:
+        return self.queries.shape[0]
+
+    def batch(self, index: np.ndarray, copy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets and queries (B, point_num, 3) float32 of patches ``index``, noise copies ``copy``."""
+        return (torch.from_numpy(np.ascontiguousarray(self.targets[index, copy])),
+                torch.from_numpy(np.ascontiguousarray(self.queries[index, copy])))
+
+
+def epoch_batches(n_items: int, n_copies: int, batch_size: int, seed: int, epoch: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Patch indices and noise copies (n_batches, batch_size) of one epoch (SPEC 4.3).
+
+    Shuffled order, one random copy per patch, only full batches; drawn from
+    ``default_rng([seed, epoch])`` so every epoch is reproducible on its own.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n_items)
+    copies = rng.integers(0, n_copies, size=n_items)
+    n_batches = n_items // batch_size
+    used = n_batches * batch_size
+    return order[:used].reshape(n_batches, batch_size), copies[order[:used]].reshape(n_batches, batch_size)
+
+
+# ----------------------------------------------------------------------------- loss
+def pcp_loss(model: SDFModel, targets: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """The Neural-Pull / PCP loss of SPEC 4.2 on targets and queries (B, P, 3).
+
+    The encoder sees the targets (KEEP 11.14); queries are pulled along the normalised SDF
+    gradient, ``q - sdf * grad / sqrt(|grad|^2 + 1e-12)``, and the loss is the mean
+    Euclidean distance of the pulled queries to their targets. The gradient comes from
+    :meth:`LocalNIF.forward_with_gradient` (exact, differentiable in the parameters).
+    """
+    nif = model.NIF
+    sdf, grad = nif.forward_with_gradient(nif.latent_code(model.encoder(targets)), queries)
+    normal = grad / torch.sqrt(grad.square().sum(dim=-1, keepdim=True) + NORMAL_EPS)
+    pulled = queries - sdf * normal
+    return torch.linalg.vector_norm(targets - pulled, dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """Options of ``train_3Dmodel.py`` (SPEC 4.3)."""
+
+    grid_path: Path
+    ckpt_path: Path = Path("checkpoint")
+    batch_size: int = 32
+    epoch: int = 1000
+    learning_rate: float = 1e-4
+    save_every: int = 100
+    resume: Optional[Path] = None
+    seed: int = 0
+    device: str = "auto"
+    point_num: int = 500
+    amp: bool = False
+    compile: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return device
+
+
+def make_run_dir(ckpt_path: str | os.PathLike, point_num: int) -> Path:
+    """A new ``<ckpt_path>/<YYYY-mm-dd-HH-MM-SS>-knn<point_num>`` folder (``-2``, ``-3`` ... if taken)."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    Path(ckpt_path).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run = Path(ckpt_path) / (f"{stamp}-knn{point_num}" + (f"-{n}" if n > 1 else ""))
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            continue
+    raise DataError(f"{ckpt_path}: cannot create a new run folder")
+
+
+def save_configuration(run_dir: Path, values: dict) -> None:
+    """``Congiguration.txt`` (the authors' ``%30s: %s`` lines, sorted) and ``.pickle`` (a dict)."""
+    text = "".join("%30s: %s\n" % (k, values[k]) for k in sorted(values))
+    write_text(run_dir / f"{CONFIG_NAME}.txt", text)
+    with atomic_path(run_dir / f"{CONFIG_NAME}.pickle") as tmp:
+        tmp.write_bytes(pickle.dumps(values))
+
+
+def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer) -> int:
+    """Load ``cfg.resume`` into model and optimiser; return the first epoch still to run."""
+    ckpt = read_checkpoint(cfg.resume, "cpu")
+    model.load_state_dict(model_from_checkpoint(ckpt, cfg.resume).state_dict())
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate
+    else:
+        tqdm.write(f"{cfg.resume}: no optimiser state (authors' format); Adam restarts from zero moments")
+    if "epochs_done" in ckpt:
+        return int(ckpt["epochs_done"])
+    return int(ckpt.get("current_iteration", -1)) + 1
+
+
+def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] = None) -> Path:
+    """Pretrain the SDF model (SPEC 4.2-4.3); returns the run folder holding the checkpoints.
+
+    ``data`` may be passed to reuse an already loaded :class:`PretrainSet`.
+    """
+    for name in ("batch_size", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.epoch < 0 or not cfg.learning_rate > 0:
+        raise DataError(f"--epoch must be >= 0 and --learning_rate > 0, got {cfg.epoch} and {cfg.learning_rate}")
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = PretrainSet(cfg.grid_path, cfg.point_num, progress=progress)
+    elif data.point_num != cfg.point_num:
+        raise DataError(f"pretraining data hold {data.point_num}-point patches, --point_num is {cfg.point_num}")
+    if len(data) < cfg.batch_size:
+        raise DataError(f"{Path(cfg.grid_path) / PRETRAIN_DIR}: {len(data)} patches, fewer than one batch of "
+                        f"{cfg.batch_size}")
+
+    torch.manual_seed(cfg.seed)
+    model = SDFModel().to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    start = _restore(cfg, model, optimizer) if cfg.resume is not None else 0
+    if start > cfg.epoch:
+        raise DataError(f"{cfg.resume}: already holds {start} epochs; --epoch {cfg.epoch} ends at epoch "
+                        f"{cfg.epoch}, nothing to train")
+
+    run_dir = make_run_dir(cfg.ckpt_path, cfg.point_num)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    settings.update(ckpt_dir=str(run_dir), device=str(device), n_patches=len(data), n_copies=data.n_copies,
+                    first_epoch=start, data_cache=str(data.cache) if data.cache else "in memory")
+    save_configuration(run_dir, settings)
+
+    loss_fn: Callable = torch.compile(pcp_loss) if cfg.compile else pcp_loss
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+    def checkpoint(iteration: int, epochs_done: int) -> None:
+        save_sdf_checkpoint(run_dir / f"ckpt_{iteration:06d}.pth", model, iteration,
+                            optimizer=optimizer.state_dict(), epochs_done=epochs_done)
+
+    with open(run_dir / LOG_NAME, "a", buffering=1) as log:
+        for epoch in tqdm(range(start, cfg.epoch + 1), desc="Pre-training", disable=not progress):
+            index, copy = epoch_batches(len(data), data.n_copies, cfg.batch_size, cfg.seed, epoch)
+            losses = []
+            for b in tqdm(range(len(index)), desc=f"Epoch {epoch}", leave=False, disable=not progress):
+                targets, queries = (t.to(device, non_blocking=True) for t in data.batch(index[b], copy[b]))
+                with amp:
+                    loss = loss_fn(model, targets, queries)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+            mean = torch.stack(losses).double().mean().item()
+            log.write("epoch:%04d\tloss:%.9f\n" % (epoch, mean))
+            if progress:
+                tqdm.write(f"epoch {epoch:4d}  loss {mean:.6f}")
+            if epoch % cfg.save_every == 0:
+                checkpoint(epoch, epoch + 1)
+    checkpoint(cfg.epoch + 1, cfg.epoch + 1)
+    return run_dir

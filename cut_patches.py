@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Cut preprocessed clouds into 500-point FPS + kNN patches (SPEC section 3).
+
+    python cut_patches.py --datasets_path D --save_grid_path G [--pretrain]
+
+Default mode writes <G>/<cls>/{train,test}/<type>/npz/NNN.npz (points_gt, points_idx);
+--pretrain writes <G>/PRETRAIN_DATA/<cls>/NNN.npz (samples_all, points_all, origins_all)
+for 20 seeded random training clouds per class. Run tools/preprocessing.py first.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from core.patches import POINT_NUM, SAMPLE_NUM, cut_patches  # noqa: E402
+from utils.io import DataError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--datasets_path", type=Path, required=True, help="preprocessed MVTec 3D-AD root")
+    p.add_argument("--save_grid_path", type=Path, required=True, help="output folder for the patch files")
+    p.add_argument("--pretrain", action="store_true", help="write pretraining data instead (group_mul fixed to 5)")
+    p.add_argument("--group_mul", type=int, default=None,
+                   help="patches = round(points * group_mul / point_num); default 10 (5 with --pretrain)")
+    p.add_argument("--point_num", type=int, default=POINT_NUM, help="points per patch")
+    p.add_argument("--sample_num", type=int, default=SAMPLE_NUM, help="noisy query copies per pretraining patch")
+    p.add_argument("--classes", nargs="+", default=None, help="classes to cut (default: every class found)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the FPS starts, cloud choice and noise")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
+    p.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    p.add_argument("--validation", action="store_true", help="also cut the validation split (never used later)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (FPS and kNN)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        report = cut_patches(a.datasets_path, a.save_grid_path, pretrain=a.pretrain, classes=a.classes,
+                             group_mul=a.group_mul, point_num=a.point_num, sample_num=a.sample_num, seed=a.seed,
+                             workers=a.workers, overwrite=a.overwrite, validation=a.validation, device=a.device)
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.written} patch file(s), kept {report.skipped} existing file(s) under {a.save_grid_path}")
+    if report.unpreprocessed:
+        print(f"warning: {len(report.unpreprocessed)} cloud(s) look unpreprocessed; run tools/preprocessing.py "
+              f"first", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

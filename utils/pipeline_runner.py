@@ -1,0 +1,112 @@
+"""Run the four pipeline scripts as a user would: as subprocesses with the documented flags.
+
+Used by ``tools/demo.py`` (the offline demo on the synthetic data set) and by the
+end-to-end test. Every command is echoed, its output streamed, and a failing step stops
+the run with the step's name and exit code.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepFailed(RuntimeError):
+    """A pipeline script exited non-zero."""
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and schedule of a synthetic end-to-end run."""
+
+    classes: tuple[str, ...] = ("bagel", "cookie")
+    n_train: int = 20
+    n_val: int = 2
+    n_test_good: int = 6
+    n_test_defect: int = 2
+    size: int = 400
+    epochs: int = 1                 # authors' semantics: --epoch E runs E + 1 passes
+    batch_size: int = 32
+    sample_num: int = 20
+    rgb_backbone: str = "tf_efficientnet_lite0"
+    workers: int = 2
+    seed: int = 0
+    viz: bool = True
+    save_maps: bool = True
+    extra_train_args: tuple[str, ...] = ()
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    result_dir: Path
+    results_txt: str
+    results: dict
+    seconds: dict = field(default_factory=dict)
+
+
+def run_step(name: str, args: list[str], log: Optional[Path] = None, quiet: bool = False) -> float:
+    """Run ``python <args>`` from the repository root; raise :class:`StepFailed` on a non-zero exit."""
+    cmd = [sys.executable, *map(str, args)]
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+    elapsed = time.perf_counter() - start
+    if log is not None and quiet:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:
+            fh.write(f"$ {shlex.join(cmd)}\n{proc.stdout}\n")
+    if proc.returncode != 0:
+        tail = ("\n" + "\n".join(proc.stdout.splitlines()[-30:])) if quiet and proc.stdout else ""
+        raise StepFailed(f"step '{name}' failed with exit code {proc.returncode}{tail}")
+    print(f"[{name}: {elapsed:.1f} s]", flush=True)
+    return elapsed
+
+
+def newest(pattern: str, root: Path) -> Path:
+    found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise StepFailed(f"no {pattern} under {root}")
+    return found[-1]
+
+
+def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
+    """Generate the synthetic data set and run the four scripts on it; return the parsed results."""
+    import json
+
+    out = Path(out).resolve()
+    raw, pre, grids, ckpts, results = out / "raw", out / "preprocessed", out / "grids", out / "checkpoint", out / "output"
+    log = out / "pipeline.log"
+    seed = ["--seed", str(cfg.seed)]
+    classes = list(cfg.classes)
+    t = {}
+    t["generate"] = run_step("generate", [
+        "tools/make_synthetic_dataset.py", raw, "--classes", *classes, "--n_train", cfg.n_train, "--n_val", cfg.n_val,
+        "--n_test_good", cfg.n_test_good, "--n_test_defect", cfg.n_test_defect, "--size", cfg.size, *seed], log, quiet)
+    t["preprocess"] = run_step("preprocess", [
+        "tools/preprocessing.py", raw, "--output_dir", pre, "--workers", cfg.workers, *seed], log, quiet)
+    t["cut_patches"] = run_step("cut_patches", [
+        "cut_patches.py", "--datasets_path", pre, "--save_grid_path", grids, "--workers", cfg.workers, *seed], log, quiet)
+    t["cut_patches --pretrain"] = run_step("cut_patches --pretrain", [
+        "cut_patches.py", "--datasets_path", pre, "--save_grid_path", grids, "--pretrain",
+        "--sample_num", cfg.sample_num, "--workers", cfg.workers, *seed], log, quiet)
+    t["train_3Dmodel"] = run_step("train_3Dmodel", [
+        "train_3Dmodel.py", "--grid_path", grids, "--ckpt_path", ckpts, "--epoch", cfg.epochs,
+        "--batch_size", cfg.batch_size, "--device", "cpu", *cfg.extra_train_args, *seed], log, quiet)
+    ckpt = newest("*/ckpt_*.pth", ckpts)
+    main_args = ["main.py", "--datasets_path", pre, "--grid_path", grids, "--ckpt_path", ckpt,
+                 "--output_dir", results, "--rgb_backbone", cfg.rgb_backbone, "--device", "cpu", *seed]
+    main_args += ["--viz"] * cfg.viz + ["--save_maps"] * cfg.save_maps
+    t["main"] = run_step("main", main_args, log, quiet)
+    result_dir = newest("*-result", results)
+    return DemoResult(out=out, result_dir=result_dir, results_txt=(result_dir / "results.txt").read_text(),
+                      results=json.loads((result_dir / "results.json").read_text()), seconds=t)
