@@ -157,10 +157,11 @@ def rename_efficientnet_lite0(state_dict: dict[str, torch.Tensor], model: nn.Mod
     return out
 
 
-def _create(arch: str, **kwargs) -> nn.Module:
+def _create_features_model(arch: str) -> nn.Module:
+    """Randomly initialised timm features-only model with the stride-4 and stride-8 outputs."""
     import timm
 
-    return timm.create_model(arch, features_only=True, out_indices=OUT_INDICES, **kwargs)
+    return timm.create_model(arch, pretrained=False, features_only=True, out_indices=OUT_INDICES)
 
 
 def _from_state_dict(arch: str, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -178,7 +179,7 @@ def _from_state_dict(arch: str, sd: dict[str, torch.Tensor], source: str) -> nn.
             sd = rename_efficientnet_lite0(sd, full)
         except KeyError as exc:
             raise DataError(f"{source}: unexpected EfficientNet-Lite0 key {exc}") from exc
-    model = _create(arch, pretrained=False)
+    model = _create_features_model(arch)
     try:
         if set(sd) != set(model.state_dict()):
             full = full if full is not None else timm.create_model(arch, pretrained=False)
@@ -220,7 +221,7 @@ def build_rgb_extractor(backbone: str = "wide_resnet50_2", weights: str | os.Pat
     if isinstance(weights, str) and weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = _create(arch, pretrained=False)
+            model = _create_features_model(arch)
         name = f"{arch} (random init, seed {seed})"
     elif weights is not None:
         path = Path(weights)

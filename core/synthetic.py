@@ -12,13 +12,16 @@ on a background plane tilted by 1.5-4 degrees that fills every other pixel:
   Lambertian shading, pixel noise.
 * ``gt``: uint8 (H, W), 255 on the defect's pixels, 0 elsewhere (all zero for ``good``).
 
-Objects are height fields over the plane: every pixel's ray meets the plane at depth
-``z_plane``; an object of height ``h`` there moves the point ``h`` towards the camera
-along the same ray (``z = z_plane - h``). Object heights are 8-35 mm, so the plane
-removal of SPEC 2.1 (5 mm) keeps every object pixel, and objects cover about 25-30 % of
-the image. Three families (:data:`FAMILIES`): ``torus`` (bagel-like), ``disc``
-(cookie-like), ``blob`` (potato-like); every MVTec class name maps to one
-(:data:`CLASSES`). Pose, size, outline, surface lumps and texture vary per sample.
+Objects are height fields over the pixel grid (scaled to metres at the plane's depth on
+the optical axis): every pixel's ray meets the plane at depth ``z_plane``; an object of
+height ``h`` there moves the point ``h`` towards the camera along the same ray
+(``z = z_plane - h``). Every object pixel is at least about 6 mm above the plane (rims
+are steep walls), every plane pixel is within the noise of it, so the plane removal of
+SPEC 2.1 (5 mm) removes exactly the plane pixels. Objects cover about 23-32 % of the
+image and, from ``size`` 400 up, stay clear of the 10-pixel border strips of the plane fit.
+Three families (:data:`FAMILIES`): ``torus`` (bagel-like), ``disc`` (cookie-like),
+``blob`` (potato-like); every MVTec class name maps to one (:data:`CLASSES`), which also
+gives its colour. Pose, size, outline, surface lumps and texture vary per sample.
 
 Defects (:data:`DEFECTS`) are placed on the object only, at least 1.5 mm inside its
 silhouette, and keep every defect pixel at least 6.5 mm above the plane:
@@ -43,7 +46,7 @@ Public API::
     render_sample(cls, split, defect, index, size=400, seed=0, with_defect=True) -> SyntheticSample
     generate_dataset(out, classes=("bagel", "cookie"), n_train=20, n_val=2, n_test_good=4,
                      n_test_defect=2, size=400, seed=0, defects=DEFAULT_DEFECTS,
-                     workers=1, overwrite=False) -> Path
+                     workers=1, overwrite=False, progress=True) -> Path
     family_of(cls) -> str
 
 ``SyntheticSample.object_mask`` / ``plane_mask`` are the valid (non-dropout) pixels of
@@ -59,13 +62,13 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from core.dataset import GOOD, SPLITS
-from utils.io import DataError, write_png, write_xyz
+from utils.io import DataError, write_png, write_text, write_xyz
 
 # ----------------------------------------------------------------------------- names
 FAMILIES = ("torus", "disc", "blob")
@@ -101,7 +104,7 @@ MIN_DEFECT_HEIGHT = 6.5e-3    # every defect pixel stays this high above the pla
 DEFECT_MARGIN = 1.5e-3        # defects stay this far inside the object silhouette
 RIM_STEP = 0.25               # fraction of a defect's depth that is a step at its rim
 _BACKGROUND = np.array([48.0, 48.0, 52.0])
-_STAIN_PALETTE = np.array([[40, 90, 200], [40, 160, 60], [200, 40, 40], [30, 30, 30], [240, 240, 240]], float)
+_STAIN_PALETTE = np.array([[40, 90, 200], [40, 160, 60], [200, 40, 40], [240, 240, 240]], float)
 _LIGHT = np.array([-0.3, -0.4, 0.866]) / np.linalg.norm([-0.3, -0.4, 0.866])
 
 
@@ -172,8 +175,10 @@ def _fourier_field(rng: np.random.Generator, frame: _Frame, wavelengths: tuple[f
     wave = np.stack([k * np.cos(ang), k * np.sin(ang)])  # (2, terms)
     rows = np.outer(np.arange(frame.shape[0]), frame.drow @ wave)
     cols = np.outer(frame.dcol @ wave, np.arange(frame.shape[1])) + (frame.origin @ wave + phase)[:, None]
-    # cos(r + c) = cos r cos c - sin r sin c, for all terms in one product
-    return np.hstack([np.cos(rows), -np.sin(rows)]) @ np.vstack([np.cos(cols), np.sin(cols)]) * np.sqrt(2.0 / terms)
+    # cos(r + c) = cos r cos c - sin r sin c, all terms in one product; einsum, not BLAS,
+    # so the result does not depend on the number of BLAS threads
+    both = np.einsum("ik,kj->ij", np.hstack([np.cos(rows), -np.sin(rows)]), np.vstack([np.cos(cols), np.sin(cols)]))
+    return both * np.sqrt(2.0 / terms)
 
 
 def _harmonics(rng: np.random.Generator, phi: np.ndarray, orders: Sequence[int], amplitude: float) -> np.ndarray:
@@ -332,7 +337,9 @@ def _draw_defect(rng: np.random.Generator, name: str, scale: float, pa: np.ndarr
     if crack:
         colour = np.array([35.0, 25.0, 20.0])
     else:
-        colour = 0.45 * base if base.mean() > 150 else np.clip(1.3 * base + 40, 0, 255)
+        # exposed interior: darker and warmer on bright objects, pale yellow on dark ones; a hue
+        # shift, so that the groove's change of shading cannot hide it
+        colour = np.array([0.6, 0.45, 0.3]) * base if base.mean() > 150 else np.array([230.0, 200.0, 120.0])
     return _Defect(dh, 0.85 * mask, colour)
 
 
@@ -349,7 +356,8 @@ def _place_defect(rng: np.random.Generator, name: str, height: np.ndarray, pitch
     reach = int(np.ceil(DEFECT_REACH / pitch))
     for attempt in range(60):
         r, c = np.unravel_index(centres[rng.integers(len(centres))], height.shape)
-        win = np.s_[max(r - reach, 0):r + reach + 1, max(c - reach, 0):c + reach + 1]
+        win = np.s_[max(r - reach, 0):min(r + reach + 1, height.shape[0]),
+                    max(c - reach, 0):min(c + reach + 1, height.shape[1])]
         rows, cols = np.ogrid[win]
         d = _draw_defect(rng, name, 1.0 - 0.1 * (attempt // 10), (cols - c) * pitch, (rows - r) * pitch, base)
         mask = (d.dh != 0) | (d.alpha > 0)
@@ -438,17 +446,25 @@ def _write_sample(task: tuple) -> None:
         write_png(folder / "gt" / f"{stem}.png", sample.gt)
 
 
+MARKER = ".synthetic.json"  # settings of a generated class folder, written inside it
+
+
 def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", "cookie"), n_train: int = 20,
                      n_val: int = 2, n_test_good: int = 4, n_test_defect: int = 2, size: int = 400, seed: int = 0,
                      defects: Iterable[str] = DEFAULT_DEFECTS, workers: int = 1, overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Write the MVTec 3D-AD layout (SPEC 1.2) for ``classes`` under ``out``; return ``out``.
 
-    ``n_test_defect`` counts per defect type. Each class is built in a hidden staging
-    folder and moved to ``out/<cls>`` only when complete, so an interrupted run never
-    leaves a partial class folder. An existing ``out/<cls>`` is an error unless
-    ``overwrite`` (then it is replaced once the new one is complete).
+    ``n_test_defect`` counts per defect type; a split or defect type with count 0 gets no
+    folder. Each class is built in a hidden staging folder (``out/.synthetic-partial-*``,
+    never mistaken for a class) and moved to ``out/<cls>`` only when complete, with its
+    settings in ``out/<cls>/.synthetic.json``. An existing class folder generated with
+    the same settings is kept as it is (reruns are cheap); any other existing
+    ``out/<cls>`` is an error unless ``overwrite``, which replaces it once the new one
+    is complete.
     """
+    import json
+
     from tqdm import tqdm
 
     classes, defects = list(dict.fromkeys(classes)), list(dict.fromkeys(defects))
@@ -465,9 +481,20 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     if size < 64 or seed < 0:
         raise SyntheticConfigError(f"need size >= 64 and seed >= 0; got size={size}, seed={seed}")
     out = Path(out)
-    existing = [out / c for c in classes if (out / c).exists()]
-    if existing and not overwrite:
-        raise DataError(f"{existing[0]}: already exists; pass overwrite (--overwrite) to replace it")
+    settings = {cls: json.dumps({"class": cls, **counts, "size": size, "seed": seed, "defects": defects},
+                                sort_keys=True) + "\n" for cls in classes}
+
+    def up_to_date(cls: str) -> bool:
+        marker = out / cls / MARKER
+        return marker.is_file() and marker.read_text(encoding="utf-8") == settings[cls]
+
+    todo = [cls for cls in classes if overwrite or not up_to_date(cls)]
+    clash = [out / cls for cls in todo if (out / cls).exists() and not overwrite]
+    if clash:
+        raise DataError(f"{clash[0]}: already exists with other contents or settings; "
+                        "pass overwrite (--overwrite) to replace it")
+    if not todo:
+        return out
     out.mkdir(parents=True, exist_ok=True)
 
     staging = Path(tempfile.mkdtemp(prefix=".synthetic-partial-", dir=out))
@@ -475,18 +502,18 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
         plan = [("train", GOOD, n_train), ("validation", GOOD, n_val), ("test", GOOD, n_test_good)]
         plan += [("test", d, n_test_defect) for d in defects]
         tasks = [(staging / cls / split / defect, cls, split, defect, i, size, seed)
-                 for cls in classes for split, defect, n in plan for i in range(n)]
-        bar = tqdm(total=len(tasks), desc="synthetic samples", unit="sample", disable=not progress)
-        if workers == 1:
-            for task in tasks:
-                _write_sample(task)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(_write_sample, tasks, chunksize=4):
+                 for cls in todo for split, defect, n in plan for i in range(n)]
+        with tqdm(total=len(tasks), desc="synthetic samples", unit="sample", disable=not progress) as bar:
+            if workers == 1:
+                for task in tasks:
+                    _write_sample(task)
                     bar.update()
-        bar.close()
-        for cls in classes:
+            else:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    for _ in pool.map(_write_sample, tasks, chunksize=2):
+                        bar.update()
+        for cls in todo:
+            write_text(staging / cls / MARKER, settings[cls])
             target = out / cls
             if target.exists():  # move the old folder into staging; it is deleted with it
                 os.replace(target, staging / f"old-{cls}")

@@ -79,6 +79,8 @@ def test_parity_weights_strict_and_postprocessing(parity_extractor, parity_input
     assert all(torch.equal(own[k], sd[k]) for k in sd)
     assert ext.feature_dim == 768 and ext.mean == IMAGENET_MEAN and ext.std == IMAGENET_STD
     assert not ext.training and not any(p.requires_grad for p in ext.parameters())
+    ext.train()  # frozen: stays in eval mode
+    assert not any(m.training for m in ext.modules())
 
     x = parity_input[None]
     feats = ext(x)
@@ -113,21 +115,38 @@ def test_random_init_equals_parity_file_and_keeps_global_rng(parity_extractor, p
     assert not torch.equal(other.backbone.state_dict()["conv1.weight"], ref["conv1.weight"])
 
 
-def test_full_torchvision_checkpoint(tmp_path, parity_input):
-    """A full torchvision wide_resnet50_2 checkpoint loads (strictly) and gives its layer1/layer2."""
+def test_torchvision_checkpoint_keys_fit_timm():
+    """A torchvision wide_resnet50_2 checkpoint has timm's key names and shapes (meta tensors: no memory)."""
+    import timm
     import torchvision
 
+    with torch.device("meta"):
+        tv = torchvision.models.wide_resnet50_2().state_dict()
+        tm = timm.create_model("wide_resnet50_2", pretrained=False).state_dict()
+    assert {k: v.shape for k, v in tv.items()} == {k: v.shape for k, v in tm.items()}
+
+
+def test_full_checkpoint_is_detected_and_loaded_strictly(tmp_path, parity_input):
+    """A full-model checkpoint (here timm's tf_efficientnet_lite0, wrapped as {'state_dict': ...})
+    loads strictly into the full model; the features-only model takes its parameters by name."""
+    import timm
+
     torch.manual_seed(5)
-    tv = torchvision.models.wide_resnet50_2().eval()
-    path = tmp_path / "wrn_tv.pth"
-    torch.save(tv.state_dict(), path)
-    ext = build_rgb_extractor("wide_resnet50_2", weights=path)
-    x = parity_input[None, :, :96, :96]  # any size works; a crop keeps the test fast
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    path = tmp_path / "full.pth"
+    torch.save({"state_dict": full.state_dict()}, path)
+    ext = build_rgb_extractor("tf_efficientnet_lite0", weights=path)
+    x = parity_input[None]
     with torch.no_grad():
-        l1 = tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))
-        l2 = tv.layer2(l1)
-    ref = torch.cat([F.adaptive_avg_pool2d(F.avg_pool2d(m, 3, 1), 28) for m in (l1, l2)], 1)
-    torch.testing.assert_close(ext(x), ref.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+        maps = full.forward_intermediates(x, indices=(1, 2), intermediates_only=True)
+    ref = torch.cat([F.adaptive_avg_pool2d(F.avg_pool2d(m, 3, 1), 28) for m in maps], 1)
+    assert torch.equal(ext(x), ref.flatten(2).transpose(1, 2))
+    # a full checkpoint missing one key is rejected, not silently half-loaded
+    sd = full.state_dict()
+    del sd["classifier.bias"]
+    torch.save(sd, path)
+    with pytest.raises(DataError, match="classifier.bias"):
+        build_rgb_extractor("tf_efficientnet_lite0", weights=path)
 
 
 def test_bad_weight_files(tmp_path):
@@ -228,11 +247,9 @@ def test_lite0_extractor(lite0_full, parity_input):
     x = parity_input[None]
     feats = ext(x)
     assert feats.shape == (1, 784, 64)
-    # differs from a random initialisation, for the features and the full model's logits
+    # the pretrained full model differs from a random initialisation
     torch.manual_seed(0)
     rnd = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     with torch.no_grad():
         const = torch.zeros(1, 3, 224, 224)
         assert (lite0_full(const) - rnd(const)).abs().max() > 0.1
-    rnd_feats = build_rgb_extractor("tf_efficientnet_lite0", weights="random")(x)
-    assert (feats - rnd_feats).abs().max() > 0.1
