@@ -18,10 +18,11 @@ Open3D's semantics, reproduced here:
 The speed comes from never enumerating all neighbour pairs (Open3D builds every
 neighbour list, about a thousand per point on MVTec-like scans):
 
-1. A grid of cubes of side slightly below ``eps / sqrt(3)``: two points in the same cube
-   are always neighbours, so every point of a cube holding ``min_points`` points is core.
-   Only points of sparser cubes get an exact ``min_points``-nearest-neighbour query.
-2. All core points of one cube are connected. Cubes are joined when a test pair of core
+1. Coarse cubes of side slightly below ``eps / sqrt(3)`` (two points in one cube are always
+   neighbours) and fine cubes of half that side (the 3x3x3 block of fine cubes around a
+   point lies within ``eps`` of it). A point whose block holds ``min_points`` points is
+   core; only the few others get an exact ``min_points``-nearest-neighbour query.
+2. All core points of one coarse cube are connected. Cubes are joined when a test pair of core
    points (the one nearest each cube centre) are neighbours; then, for every pair of cubes
    close enough to hold neighbours (offsets up to 2 cubes per axis) that is still in
    different components, the exact minimum distance between their core points decides.
@@ -80,6 +81,8 @@ def dbscan_labels(points: np.ndarray, eps: float, min_points: int) -> np.ndarray
     labels = np.full(n, -1, dtype=np.int32)
     if n == 0:
         return labels
+    if not np.isfinite(pts).all():
+        raise ValueError("dbscan_labels: points must be finite")
     eps2 = float(eps) * float(eps)
     side = float(eps) * _CELL_FRACTION  # coarse cube side
 
@@ -87,6 +90,8 @@ def dbscan_labels(points: np.ndarray, eps: float, min_points: int) -> np.ndarray
     # a point lies within eps of it, so a block holding min_points points makes it core.
     fine = np.floor((pts - pts.min(axis=0)) / (side / 2)).astype(np.int64) + 4
     span = fine.max(axis=0) + 5
+    if np.prod(span.astype(np.float64)) >= 2.0 ** 62:
+        raise ValueError(f"dbscan_labels: cloud extent {np.ptp(pts, axis=0)} is too large for eps={eps}")
     fine_keys, first, fine_of, fine_count = np.unique(_keys(fine, span), return_index=True,
                                                        return_inverse=True, return_counts=True)
     block = _lookup(fine_keys, _keys(fine[first][:, None, :] + _BLOCK, span))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from core.dataset import IMAGE_SIZE
 from core.footprint import FEATURE_SIDE, N_CELLS
 from core.memory import DualMemory, EncodedSample
-from core.sparse_coding import omp_reconstruct
+from core.sparse_coding import omp
 from utils.blur import blur_map
 
 K_SDF = 10        # SDF neighbours per patch (SPEC 8.1, hard-coded in the reference, KEEP #22)
@@ -97,8 +97,15 @@ def _neighbours(queries: torch.Tensor, pool: torch.Tensor, k: int, mode: str) ->
 
 
 def _sparse_reconstruct(x: torch.Tensor, atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """OMP reconstruction with 3 atoms and the reference's PairwiseDistance score."""
-    _, recon = omp_reconstruct(x, atoms, N_NONZERO)
+    """OMP reconstruction of ``x`` (B, D) over ``atoms`` (B, K, D) and its error (SPEC 8.1 steps 3-4).
+
+    The reference hands torch tensors to ``sparse_encode``, which converts them to
+    float64: its OMP runs in float64 with float64's machine epsilon in the stopping tests.
+    The code is then cast to float32 and the reconstruction ``code @ atoms`` and the
+    PairwiseDistance score are float32, as here.
+    """
+    codes = omp(x.to(torch.float64), atoms.to(torch.float64), N_NONZERO).to(x.dtype)
+    recon = (codes.unsqueeze(1) @ atoms).squeeze(1)
     return recon, F.pairwise_distance(x, recon, p=2.0, eps=PDIST_EPS)
 
 

@@ -27,7 +27,7 @@ import random
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -58,14 +58,20 @@ def patch_frame(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The normalised patch is ``points * scale - centre``: ``scale = 10 / (10 e)`` with ``e``
     the largest per-axis extent (x/y compared first, y on ties, then z), ``centre`` the mean
-    of the scaled points.
+    of the scaled points. On CPU both are bit-identical to the reference's NumPy code: a
+    true float32 division (torch's ``10.0 / t`` is ``10 * (1/t)``, 1 ulp off for a quarter
+    of the values) and NumPy's float32 mean, which adds the points in order (torch's mean
+    sums in another order).
     """
     points = points.to(torch.float32)
     extent = points.amax(dim=1) - points.amin(dim=1)           # (G, 3)
     e = torch.where(extent[:, 0] > extent[:, 1], extent[:, 0], extent[:, 1])
     e = torch.where(extent[:, 2] > e, extent[:, 2], e)
-    scale = 10.0 / (10.0 * e)
-    return scale, (points * scale[:, None, None]).mean(dim=1)
+    scale = torch.full_like(e, 10.0) / (10.0 * e)
+    scaled = points * scale[:, None, None]
+    if scaled.device.type == "cpu":
+        return scale, torch.from_numpy(np.ascontiguousarray(scaled.numpy()).mean(axis=1))
+    return scale, scaled.mean(dim=1)
 
 
 def normalize_patches(points: torch.Tensor) -> torch.Tensor:
@@ -99,8 +105,8 @@ PRETRAIN_CHUNK = 64           # patches per KD-tree / noise block in pretraining
 def nearest_source_indices(in_size: int, out_size: int = IMAGE_SIZE) -> np.ndarray:
     """Source index read by each output index of torch ``interpolate(mode='nearest')`` (SPEC 3.1).
 
-    ``min(floor(fl32(o) * fl32(in/out)), in - 1)``, all in float32 as PyTorch computes it
-    (not ``o * in // out``, which differs for e.g. 454, 480, 1300 -> 224).
+    ``min(floor(fl32(o) * fl32(in/out)), in - 1)``, all in float32 as PyTorch computes it for
+    float32 clouds (not ``o * in // out``, which differs for e.g. 454, 480, 1300 -> 224).
     """
     scale = np.float32(in_size) / np.float32(out_size)
     src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
@@ -294,8 +300,7 @@ def pretrain_arrays(patches: np.ndarray, rng: np.random.Generator, sample_num: i
 
     ``samples_all`` (G, sample_num*K, 3): copy ``m`` of point ``i`` is
     ``p_i + (scale_m * sigma_i) * eps`` (eps standard normal, drawn patch by patch, copy by
-    copy, from ``rng``), normalised with the patch's own frame (:func:`patch_frame`; the
-    centre is averaged in NumPy's summation order like the reference's pretraining code);
+    copy, from ``rng``), normalised with the patch's own frame (:func:`patch_frame`);
     ``points_all``: the nearest normalised patch point of each query; ``origins_all``: the
     patches as given. All float32 (the queries are built in float64 and cast at the end).
     """
@@ -309,11 +314,9 @@ def pretrain_arrays(patches: np.ndarray, rng: np.random.Generator, sample_num: i
         sigma = neighbour_sigma(block)                                            # (n, K)
         noise = rng.standard_normal((n, sample_num, k, 3))
         queries = block[:, None].astype(np.float64) + (scales[None, :, None, None] * sigma[:, None, :, None]) * noise
-        scale = patch_frame(torch.from_numpy(block))[0].numpy()[:, None, None]
-        surface = block * scale                                                    # float32
-        centre = surface.mean(axis=1, keepdims=True)                               # NumPy order, as the reference
-        surface = surface - centre
-        queries = queries.reshape(n, sample_num * k, 3) * scale - centre
+        scale, centre = (t.numpy()[:, None] for t in patch_frame(torch.from_numpy(block)))
+        surface = block * scale[..., None] - centre                                # float32
+        queries = queries.reshape(n, sample_num * k, 3) * scale[..., None] - centre
         _, nearest = _label_tree_query(surface.astype(np.float64), queries, 1)
         samples[s:s + n] = queries
         targets[s:s + n] = np.take_along_axis(surface, nearest[..., None], axis=1)
@@ -462,7 +465,7 @@ def _warn_unpreprocessed(source: Path) -> None:
 
 def run_jobs(jobs: list[PatchJob], options: CutOptions, workers: int = 1, overwrite: bool = False,
              progress: bool = True) -> CutReport:
-    """Cut every job, in-process for ``workers <= 1``, else in a spawn process pool; tqdm bar.
+    """Cut every job, in-process for ``workers <= 1``, else in a process pool; tqdm bar.
 
     The output bytes do not depend on ``workers`` (module docstring). The first file that
     looks unpreprocessed raises an :class:`UnpreprocessedWarning` at once; a bad cloud
@@ -488,7 +491,9 @@ def run_jobs(jobs: list[PatchJob], options: CutOptions, workers: int = 1, overwr
                 collect(job, cut_one(job, options, overwrite))
         else:
             threads = max(1, torch.get_num_threads() // workers)
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+            # fork is fast and safe for CPU work (torch resets its thread pools in the child); CUDA needs spawn
+            method = "fork" if options.device == "cpu" and "fork" in get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=_init_worker,
                                      initargs=(threads,)) as pool:
                 futures = {pool.submit(cut_one, job, options, overwrite): job for job in jobs}
                 pending = set(futures)

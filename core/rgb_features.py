@@ -218,15 +218,16 @@ def build_rgb_extractor(backbone: str = "wide_resnet50_2", weights: str | os.Pat
     if backbone not in BACKBONES:
         raise ValueError(f"unknown RGB backbone {backbone!r}; choose from {sorted(BACKBONES)}")
     arch, mean, std = BACKBONES[backbone]
+    note = "" if backbone == "wide_resnet50_2" else "; NOT the paper's wide_resnet50_2 backbone"
     if isinstance(weights, str) and weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _create_features_model(arch)
-        name = f"{arch} (random init, seed {seed})"
+        name = f"{arch} (random init, seed {seed}{note})"
     elif weights is not None:
         path = Path(weights)
         model = _from_state_dict(arch, _read_state_dict(path), str(path))
-        name = f"{arch} (weights {path})"
+        name = f"{arch} (weights {path}{note})"
     elif backbone == "wide_resnet50_2":
         cached = _hf_cached_file(WRN_HUB_ID)
         if cached is None:
@@ -241,5 +242,5 @@ def build_rgb_extractor(backbone: str = "wide_resnet50_2", weights: str | os.Pat
     else:
         path = _effnet_package_file()
         model = _from_state_dict(arch, _read_state_dict(path), str(path))
-        name = f"{arch} (ImageNet weights of {EFFNET_PACKAGE}; NOT the paper's wide_resnet50_2 backbone)"
+        name = f"{arch} (ImageNet weights of {EFFNET_PACKAGE}{note})"
     return RGBFeatureExtractor(model, name, mean, std).to(device)

@@ -24,7 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=Path, default=None,
                    help="write the preprocessed copy here instead of modifying DATASET_PATH in place")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument("--seed", type=int, default=0, help="seed of Open3D's RANSAC random generator")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of Open3D's RANSAC (re-seeded for every sample: same bytes in any order or worker count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     print(summary.report(), file=sys.stdout if summary.ok else sys.stderr)
     return 0 if summary.ok else 1
 

@@ -1,0 +1,67 @@
+"""Tests of the cut_patches.py command line (SPEC section 3)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cut_patches
+from core.patches import PRETRAIN_DIR
+from tests.core.test_patches import arrays_equal, load_all, write_tiny_dataset
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_tiny_dataset(tmp_path / "ds", n_train=3, n_val=1)
+
+
+def test_default_mode_writes_the_authors_layout(tiny, tmp_path, capsys):
+    grids = tmp_path / "grids"
+    assert cut_patches.main(["--datasets_path", str(tiny), "--save_grid_path", str(grids), "--device", "cpu"]) == 0
+    files = sorted(p.relative_to(grids).as_posix() for p in grids.rglob("*.npz"))
+    assert files == ["bagel/test/crack/npz/000.npz", "bagel/test/good/npz/000.npz", "bagel/train/good/npz/000.npz",
+                     "bagel/train/good/npz/001.npz", "bagel/train/good/npz/002.npz"]
+    data = load_all(grids / files[2])
+    assert sorted(data) == ["points_gt", "points_idx"] and data["points_gt"].dtype == np.float32
+    assert data["points_idx"].dtype == np.int64 and data["points_gt"].shape[1:] == (500, 3)
+    assert "wrote 5 patch file(s), kept 0" in capsys.readouterr().out
+
+    assert cut_patches.main(["--datasets_path", str(tiny), "--save_grid_path", str(grids), "--validation"]) == 0
+    assert "wrote 1 patch file(s), kept 5" in capsys.readouterr().out
+    assert (grids / "bagel" / "validation" / "good" / "npz" / "000.npz").is_file()
+
+
+def test_same_seed_same_arrays_for_any_worker_count(tiny, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cut_patches.main(["--datasets_path", str(tiny), "--save_grid_path", str(one), "--seed", "3"]) == 0
+    assert cut_patches.main(["--datasets_path", str(tiny), "--save_grid_path", str(two), "--seed", "3",
+                             "--workers", "2"]) == 0
+    files = sorted(p.relative_to(one) for p in one.rglob("*.npz"))
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*.npz")) and len(files) == 5
+    assert all(arrays_equal(load_all(one / f), load_all(two / f)) for f in files)
+
+
+def test_pretrain_mode(tiny, tmp_path, capsys):
+    grids = tmp_path / "grids"
+    with pytest.warns(UserWarning, match="--group_mul 10 is ignored"):
+        rc = cut_patches.main(["--datasets_path", str(tiny), "--save_grid_path", str(grids), "--pretrain",
+                               "--group_mul", "10", "--sample_num", "4", "--classes", "bagel"])
+    assert rc == 0
+    files = sorted((grids / PRETRAIN_DIR / "bagel").glob("*.npz"))
+    assert [f.name for f in files] == ["000.npz", "001.npz", "002.npz"]
+    data = load_all(files[0])
+    g = data["origins_all"].shape[0]
+    assert data["samples_all"].shape == data["points_all"].shape == (g, 4 * 500, 3)
+    assert all(v.dtype == np.float32 for v in data.values())
+    assert not (grids / "bagel").exists()
+    assert "wrote 3 patch file(s)" in capsys.readouterr().out
+
+
+def test_bad_input_exits_non_zero_naming_the_file(tmp_path, capsys):
+    root = write_tiny_dataset(tmp_path / "ds", few_points=True)
+    rc = cut_patches.main(["--datasets_path", str(root), "--save_grid_path", str(tmp_path / "grids")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(root / "bagel" / "train" / "good" / "xyz" / "001.tiff") in err and "--point_num" in err
+    rc = cut_patches.main(["--datasets_path", str(tmp_path / "missing"), "--save_grid_path", str(tmp_path / "g")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = cut_patches.main(["--datasets_path", str(root), "--save_grid_path", str(tmp_path / "g"), "--classes", "tire"])
+    assert rc == 2 and "tire" in capsys.readouterr().err
