@@ -22,10 +22,10 @@ neighbour list, about a thousand per point on MVTec-like scans):
    neighbours) and fine cubes of half that side (the 3x3x3 block of fine cubes around a
    point lies within ``eps`` of it). A point whose block holds ``min_points`` points is
    core; only the few others get an exact ``min_points``-nearest-neighbour query.
-2. All core points of one coarse cube are connected. Cubes are joined when a test pair of core
-   points (the one nearest each cube centre) are neighbours; then, for every pair of cubes
-   close enough to hold neighbours (offsets up to 2 cubes per axis) that is still in
-   different components, the exact minimum distance between their core points decides.
+2. All core points of one coarse cube are connected. Cubes are joined when a test pair of
+   core points (the one nearest each cube centre) are neighbours. Components that still own
+   neighbouring cubes (offsets up to 2 cubes per axis) are then tested exactly with one
+   KD-tree nearest-neighbour query per point of the smaller side.
 3. Border points have fewer than ``min_points`` neighbours, all found by the query of 1.
 
 Equality with Open3D holds except for point pairs whose distance equals ``eps`` within a
@@ -45,8 +45,6 @@ from scipy.spatial import cKDTree
 
 #: grid cube side as a fraction of ``eps``: cube diagonal < eps with a safe margin
 _CELL_FRACTION = (1.0 - 1e-9) / np.sqrt(3.0)
-#: pairs of core points tested per vectorised chunk in the cube-pair step
-_CHUNK = 1 << 20
 #: coarse cube offsets that can hold neighbours (within 2 cubes per axis), one of each +-pair
 _OFFSETS = np.array([(i, j, k) for i in range(-2, 3) for j in range(-2, 3) for k in range(-2, 3)
                      if (i, j, k) > (0, 0, 0)], dtype=np.int64)
@@ -135,12 +133,11 @@ def dbscan_labels(points: np.ndarray, eps: float, min_points: int) -> np.ndarray
     linked = _sq_dist(cpts[rep[pair_a]], cpts[rep[pair_b]]) < eps2
     comp = _components(m, pair_a[linked], pair_b[linked])
 
-    # exact test of the remaining pairs of cubes that lie in different components
-    todo = np.flatnonzero(~linked & (comp[pair_a] != comp[pair_b]))
+    # exact test between components that still own neighbouring cubes
+    todo = np.flatnonzero(comp[pair_a] != comp[pair_b])
     if len(todo):
-        hit = _any_pair_within(cpts, order, start, size, pair_a[todo], pair_b[todo], eps2)
-        comp = _components(m, np.concatenate([pair_a[linked], pair_a[todo][hit]]),
-                           np.concatenate([pair_b[linked], pair_b[todo][hit]]))
+        link_a, link_b = _component_links(cpts, order, start, size, comp, pair_a[todo], pair_b[todo], eps)
+        comp = _components(int(comp.max()) + 1, link_a, link_b)[comp]
 
     # number clusters by their lowest point index (core points are in index order)
     core_comp = comp[ccell_of]
@@ -165,24 +162,47 @@ def _components(m: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def _any_pair_within(cpts: np.ndarray, order: np.ndarray, start: np.ndarray, size: np.ndarray,
-                     cube_a: np.ndarray, cube_b: np.ndarray, eps2: float) -> np.ndarray:
-    """For each cube pair, whether some core point of one is within eps of one of the other."""
-    counts = size[cube_a] * size[cube_b]
-    hit = np.zeros(len(cube_a), dtype=bool)
-    bounds = np.searchsorted(np.cumsum(counts), np.arange(0, counts.sum(), _CHUNK), side="right")
-    for lo, hi in zip(bounds, np.append(bounds[1:], len(cube_a))):
-        if lo >= hi:
-            continue
-        c = counts[lo:hi]
-        pair = np.repeat(np.arange(lo, hi), c)
-        k = np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)  # position inside the pair's grid
-        nb = size[cube_b[pair]]
-        ia = order[start[cube_a[pair]] + k // nb]
-        ib = order[start[cube_b[pair]] + k % nb]
-        close = _sq_dist(cpts[ia], cpts[ib]) < eps2
-        hit[np.unique(pair[close])] = True
-    return hit
+def _cube_points(order: np.ndarray, start: np.ndarray, size: np.ndarray, cubes: np.ndarray) -> np.ndarray:
+    """Core-point indices (into the core-point array) of the given cubes."""
+    counts = size[cubes]
+    first = np.repeat(start[cubes] - (np.cumsum(counts) - counts), counts)
+    return order[first + np.arange(counts.sum())]
+
+
+def _component_links(cpts: np.ndarray, order: np.ndarray, start: np.ndarray, size: np.ndarray, comp: np.ndarray,
+                     cube_a: np.ndarray, cube_b: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of components (over the neighbouring cube pairs ``cube_a - cube_b`` of different
+    components) that hold two core points closer than ``eps``.
+
+    For every pair of components, the core points of one in those cubes are queried against a
+    KD-tree of the other's core points in all cubes taking part (one tree per component,
+    built for the component with more such points). Any hit is a true edge between two
+    components, and every edge lies in some neighbouring cube pair, so the test is exact.
+    """
+    eps2 = float(eps) * float(eps)
+    swap = comp[cube_a] > comp[cube_b]
+    cube_a, cube_b = np.where(swap, cube_b, cube_a), np.where(swap, cube_a, cube_b)
+    ca, cb = comp[cube_a], comp[cube_b]
+    cubes = np.unique(np.concatenate([cube_a, cube_b]))
+    weight = np.bincount(comp[cubes], weights=size[cubes], minlength=int(comp.max()) + 1)
+    by_pair = np.lexsort((cb, ca))
+    bounds = np.flatnonzero(np.diff(ca[by_pair]) | np.diff(cb[by_pair])) + 1
+    trees: dict[int, tuple[cKDTree, np.ndarray]] = {}
+    links = []
+    for group in np.split(by_pair, bounds):
+        c_a, c_b = int(ca[group[0]]), int(cb[group[0]])
+        big, query_cubes = (c_a, cube_b[group]) if weight[c_a] >= weight[c_b] else (c_b, cube_a[group])
+        if big not in trees:
+            members = _cube_points(order, start, size, cubes[comp[cubes] == big])
+            trees[big] = (cKDTree(cpts[members], leafsize=32, balanced_tree=False, compact_nodes=False), members)
+        tree, members = trees[big]
+        query = _cube_points(order, start, size, np.unique(query_cubes))
+        _, nearest = tree.query(cpts[query], k=1, distance_upper_bound=float(eps) * (1 + 1e-7))
+        found = nearest < len(members)
+        if (_sq_dist(cpts[query[found]], cpts[members[nearest[found]]]) < eps2).any():
+            links.append((c_a, c_b))
+    links = np.array(links, dtype=np.int64).reshape(-1, 2)
+    return links[:, 0], links[:, 1]
 
 
 def largest_cluster_mask(labels: np.ndarray) -> np.ndarray:

@@ -108,7 +108,9 @@ def defect_types(root: str | os.PathLike, cls: str, split: str = "test") -> list
 def _stems(folder: Path, suffix: str) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == suffix}
+    # hidden files (e.g. temporaries of an interrupted atomic write) are not samples
+    return {p.stem: p for p in folder.iterdir()
+            if p.is_file() and p.suffix.lower() == suffix and not p.name.startswith(".")}
 
 
 def _describe_mismatch(kind: dict[str, set[str]]) -> str:

@@ -109,23 +109,33 @@ def _sparse_reconstruct(x: torch.Tensor, atoms: torch.Tensor) -> tuple[torch.Ten
     return recon, F.pairwise_distance(x, recon, p=2.0, eps=PDIST_EPS)
 
 
+def scatter_min_map(values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Per-pixel minimum of ``values`` over every entry hitting the pixel, float64 (224, 224).
+
+    ``values`` and ``pixels`` (flat indices in the 224x224 grid) have the same shape, e.g.
+    (G, K). Pixels hit by no entry are 0 (SPEC 8.1 step 5). The reference treats an exact
+    0.0 as "unset", so a later larger value could replace it; here 0.0 is a value like any
+    other (SPEC 11 #29, FIX).
+    """
+    flat = torch.full((IMAGE_SIZE * IMAGE_SIZE,), float("inf"), dtype=values.dtype, device=values.device)
+    flat.scatter_reduce_(0, pixels.reshape(-1), values.reshape(-1), reduce="amin")
+    flat = torch.where(torch.isinf(flat), torch.zeros_like(flat), flat)
+    return flat.to(torch.float64).view(IMAGE_SIZE, IMAGE_SIZE)
+
+
 @torch.no_grad()
 def sdf_score_map(sdf_model, latents: torch.Tensor, points: torch.Tensor, pixels: torch.Tensor,
                   chunk: int = DECODER_CHUNK) -> torch.Tensor:
     """Per-pixel minimum of |SDF| over all (patch, point) pairs (SPEC 8.1 step 5), float64 (224, 224).
 
     One decoder pass over all patches (``chunk`` at a time) with latents (G, 128) at the
-    patch points (G, K, 3), then a scatter-min into the 50176 pixels; pixels hit by no
-    point stay 0. (The reference treats an exact 0.0 as "unset"; SPEC 11 #29 allows the fix.)
+    patch points (G, K, 3), then :func:`scatter_min_map`.
     """
     nif = sdf_model.NIF
     codes = nif.latent_code(latents)
     values = torch.cat([nif.forward_with_code(c, p).abs().squeeze(-1)
                         for c, p in zip(codes.split(chunk), points.split(chunk))])
-    flat = torch.full((IMAGE_SIZE * IMAGE_SIZE,), float("inf"), dtype=values.dtype, device=values.device)
-    flat.scatter_reduce_(0, pixels.reshape(-1), values.reshape(-1), reduce="amin")
-    flat = torch.where(torch.isinf(flat), torch.zeros_like(flat), flat)
-    return flat.to(torch.float64).view(IMAGE_SIZE, IMAGE_SIZE)
+    return scatter_min_map(values, pixels)
 
 
 def rgb_score_map(memory: DualMemory, enc: EncodedSample, sdf_neighbours: torch.Tensor,

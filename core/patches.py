@@ -9,7 +9,7 @@ once; clouds are visited class by class, ``train`` (sorted), ``test`` (sorted by
 ``validation`` (sorted). Such a draw consumes exactly one 32-bit Mersenne-Twister output
 whatever ``N`` is, so draw number ``i`` is replayed from a fresh generator seeded with
 ``seed`` and advanced by ``i`` outputs (:func:`fps_start`). Every cloud therefore knows
-its start from ``(seed, i, N)`` alone: the same seed gives the same bytes for any number of
+its start from ``(seed, i, N)`` alone: the same seed gives identical arrays for any number of
 workers, for any subset of files skipped as already done, and validation clouds keep
 their places in the stream even when they are not cut. With ``--seed 0`` the start points,
 and on CPU the whole files, equal the reference's. Pretraining noise comes from a NumPy
@@ -122,12 +122,12 @@ def resize_nearest(xyz: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 
 def looks_unpreprocessed(xyz: np.ndarray) -> bool:
     """True when a cloud still seems to hold its background plane (SPEC 2): more than 60 % of
-    its pixels valid, or more than 25 % of the pixels of its 10-pixel border strips valid
-    (preprocessing zeroes the plane and pads with zeros)."""
-    valid = valid_mask(xyz)
-    border = np.ones(valid.shape, dtype=bool)
-    border[BORDER:-BORDER, BORDER:-BORDER] = False
-    return bool(valid.mean() > MAX_VALID_SHARE or valid[border].mean() > MAX_BORDER_SHARE)
+    its pixels valid (estimated on every 4th row and column), or more than 25 % of the
+    pixels of its 10-pixel border strips valid (preprocessing zeroes the plane and pads
+    with zeros)."""
+    strips = (xyz[:BORDER], xyz[-BORDER:], xyz[BORDER:-BORDER, :BORDER], xyz[BORDER:-BORDER, -BORDER:])
+    border = np.concatenate([valid_mask(strip).ravel() for strip in strips])
+    return bool(valid_mask(xyz[::4, ::4]).mean() > MAX_VALID_SHARE or border.mean() > MAX_BORDER_SHARE)
 
 
 def normalize_cloud(points: np.ndarray, path: str | os.PathLike = "cloud") -> np.ndarray:
@@ -244,10 +244,13 @@ def knn_indices(points: torch.Tensor, centres: torch.Tensor, k: int, chunk: Opti
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; a CUDA device without CUDA is a ValueError."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
+    return device
 
 
 def group_patches(points: np.ndarray, pixel_idx: np.ndarray, count: int, start: int,
@@ -261,31 +264,29 @@ def group_patches(points: np.ndarray, pixel_idx: np.ndarray, count: int, start: 
 
 
 # ----------------------------------------------------------------------------- 3.5 pretraining data
-def _label_tree_query(patches: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-NN of every query among the points of its own patch, for all patches at once.
+def neighbour_sigma(patches: np.ndarray) -> np.ndarray:
+    """Per-point noise scale (G, K) float64: distance to the 51st nearest point of the same
+    patch, the point itself included (SPEC 3.5), computed once per patch (FIX #11).
 
-    One KD-tree over all patches, each point given a fourth coordinate ``patch * spacing``
-    (identical for a patch and its queries, so within-patch distances are unchanged; other
-    patches are at least ``spacing`` away). Returns distances and within-patch indices,
-    (G, Q, k) or (G, Q) for k = 1. float64, Euclidean, as scipy's cKDTree in the reference.
+    scipy's KD-tree in float64, as the reference. One tree and one batched query per patch:
+    a single tree over all patches (patch id as a fourth coordinate) gives identical
+    results but was measured 1.1-1.4x slower; the Python overhead per patch is negligible.
     """
     from scipy.spatial import cKDTree
 
-    g, p, q = patches.shape[0], patches.shape[1], queries.shape[1]
-    spacing = 4.0 * max(np.abs(patches).max(), np.abs(queries).max()) + 1.0
-    label = np.arange(g, dtype=np.float64) * spacing
-    tree_pts = np.concatenate([patches.reshape(-1, 3), np.repeat(label, p)[:, None]], axis=1)
-    query_pts = np.concatenate([queries.reshape(-1, 3), np.repeat(label, q)[:, None]], axis=1)
-    dist, idx = cKDTree(tree_pts).query(query_pts, k=k, workers=torch.get_num_threads())
-    shape = (g, q) if k == 1 else (g, q, k)
-    return dist.reshape(shape), idx.reshape(shape) - (np.arange(g) * p).reshape((g,) + (1,) * (len(shape) - 1))
+    return np.stack([cKDTree(p).query(p, SIGMA_NEIGHBOUR)[0][:, -1] for p in patches.astype(np.float64)])
 
 
-def neighbour_sigma(patches: np.ndarray) -> np.ndarray:
-    """Per-point noise scale (G, K) float64: distance to the 51st nearest point of the same
-    patch, the point itself included (SPEC 3.5), computed once per patch (FIX #11)."""
-    dist, _ = _label_tree_query(patches.astype(np.float64), patches.astype(np.float64), SIGMA_NEIGHBOUR)
-    return dist[..., -1]
+def nearest_surface_points(surfaces: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Index (G, Q) of the nearest point of ``surfaces[g]`` (G, K, 3) for every query of
+    ``queries[g]`` (G, Q, 3): exact Euclidean k=1 search with scipy's KD-tree in float64, as
+    the reference; one batched query of Q points per patch (1.6x faster than one tree over
+    all patches, measured; torch brute force is far slower on CPU)."""
+    from scipy.spatial import cKDTree
+
+    threads = torch.get_num_threads()
+    return np.stack([cKDTree(s).query(q, k=1, workers=threads)[1]
+                     for s, q in zip(surfaces.astype(np.float64), queries)])
 
 
 def copy_scales(sample_num: int = SAMPLE_NUM) -> np.ndarray:
@@ -317,9 +318,8 @@ def pretrain_arrays(patches: np.ndarray, rng: np.random.Generator, sample_num: i
         scale, centre = (t.numpy()[:, None] for t in patch_frame(torch.from_numpy(block)))
         surface = block * scale[..., None] - centre                                # float32
         queries = queries.reshape(n, sample_num * k, 3) * scale[..., None] - centre
-        _, nearest = _label_tree_query(surface.astype(np.float64), queries, 1)
         samples[s:s + n] = queries
-        targets[s:s + n] = np.take_along_axis(surface, nearest[..., None], axis=1)
+        targets[s:s + n] = np.take_along_axis(surface, nearest_surface_points(surface, queries)[..., None], axis=1)
     return {"samples_all": samples, "points_all": targets, "origins_all": np.ascontiguousarray(patches)}
 
 
@@ -526,9 +526,10 @@ def cut_patches(datasets_path: str | os.PathLike, save_grid_path: str | os.PathL
     the current selection does not produce are removed (the reference recreates the
     folder), otherwise they are reported with a warning.
     """
-    if point_num < 1 or sample_num < 1 or workers < 0 or (group_mul is not None and group_mul < 1):
-        raise ValueError(f"need point_num, sample_num, group_mul >= 1 and workers >= 0; got point_num={point_num}, "
-                         f"sample_num={sample_num}, group_mul={group_mul}, workers={workers}")
+    smallest = SIGMA_NEIGHBOUR if pretrain else 1
+    if point_num < smallest or sample_num < 1 or workers < 0 or (group_mul is not None and group_mul < 1):
+        raise ValueError(f"need point_num >= {smallest}, sample_num >= 1, group_mul >= 1 and workers >= 0; got "
+                         f"point_num={point_num}, sample_num={sample_num}, group_mul={group_mul}, workers={workers}")
     if pretrain:
         if group_mul not in (None, PRETRAIN_GROUP_MUL):
             warnings.warn(f"--group_mul {group_mul} is ignored with --pretrain: pretraining patches always use "

@@ -23,6 +23,12 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the destination folder; rename it onto ``path`` on success.
@@ -39,6 +45,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp creates 0600: give the file the usual umask-derived mode
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -85,7 +93,7 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Atomically copy ``src`` to ``dst`` (contents and permission bits)."""
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        shutil.copymode(src, tmp)
+    shutil.copymode(src, dst)
 
 
 # ----------------------------------------------------------------------------- readers

@@ -1,6 +1,8 @@
 """core.clustering: the fast DBSCAN gives exactly Open3D's labels; the plane fit is seeded and deterministic."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -32,8 +34,8 @@ def _contested_border_points(points: np.ndarray, labels: np.ndarray, min_points:
 def test_matches_open3d_on_random_clouds(monkeypatch):
     """Labels (numbering, noise, contested border points) identical to Open3D on 30 random clouds."""
     exact_pair_tests = []
-    original = clustering._any_pair_within
-    monkeypatch.setattr(clustering, "_any_pair_within",
+    original = clustering._component_links
+    monkeypatch.setattr(clustering, "_component_links",
                         lambda *a: exact_pair_tests.append(1) or original(*a))
     rng = np.random.default_rng(1)
     contested = noise = multi = 0
@@ -47,7 +49,7 @@ def test_matches_open3d_on_random_clouds(monkeypatch):
         noise += (reference == -1).any()
         multi += reference.max() >= 1
     # the clouds exercise every rule: noise, several clusters, border points two clusters reach,
-    # and the exact cube-pair test
+    # and the exact test between components
     assert contested >= 5 and noise >= 10 and multi >= 20 and exact_pair_tests
 
 
@@ -60,6 +62,37 @@ def test_matches_open3d_on_scan_with_plane_residue():
     reference = open3d_dbscan_labels(points, EPS, MIN_POINTS)
     assert (reference == -1).sum() > 100 and len(points) > 5000
     np.testing.assert_array_equal(dbscan_labels(points, EPS, MIN_POINTS), reference)
+
+
+def _sheets_and_clumps(rng: np.random.Generator, spacing: float, extent: float, n_clumps: int) -> np.ndarray:
+    """Two noisy parallel sheets 8 mm apart (farther than eps, within two cubes) and small
+    dense clumps 6.8-9 mm above the upper one: several large and small components side by side."""
+    grid = np.arange(0, extent, spacing)
+    x, y = (a.ravel() for a in np.meshgrid(grid, grid))
+    sheets = [np.c_[x, y, z + rng.normal(0, 1e-4, x.size)] for z in (0.4, 0.408)]
+    clumps = [np.r_[rng.uniform(0, extent, 2), 0.408 + rng.uniform(0.0068, 0.009)]
+              + rng.normal(0, 2e-4, (rng.integers(25, 60), 3)) for _ in range(n_clumps)]
+    points = np.concatenate(sheets + clumps).astype(np.float32)
+    return points[rng.permutation(len(points))]
+
+
+def test_matches_open3d_between_nearby_components():
+    rng = np.random.default_rng(4)
+    points = _sheets_and_clumps(rng, 0.001, 0.045, 40)
+    reference = open3d_dbscan_labels(points, EPS, MIN_POINTS)
+    assert reference.max() >= 3                             # both sheets and some clumps stay apart
+    np.testing.assert_array_equal(dbscan_labels(points, EPS, MIN_POINTS), reference)
+
+
+def test_nearby_dense_components_stay_fast():
+    """Complexity guard: dense sheets whose cubes neighbour each other over their whole area
+    (a quadratic cube-pair test took over a minute here; Open3D takes minutes)."""
+    points = _sheets_and_clumps(np.random.default_rng(5), 0.00015, 0.03, 60)
+    assert len(points) > 80_000
+    start = time.perf_counter()
+    labels = dbscan_labels(points, EPS, MIN_POINTS)
+    assert time.perf_counter() - start < 10
+    assert labels.max() >= 1 and (labels == -1).sum() < len(points) // 100
 
 
 def test_neighbour_radius_is_strict_like_open3d():

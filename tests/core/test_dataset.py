@@ -151,3 +151,9 @@ def test_gt_mask_parity(parity_dir):
     samples = {f"{s.cls}/test/{s.defect}/rgb/{s.stem}.png": s for s in list_samples(root, "torus", "test")}
     for path, gt in zip(exp["sample_paths"], exp["gt"]):
         np.testing.assert_array_equal(load_gt_mask(samples[str(path)]), gt.astype(np.float32))
+
+
+def test_hidden_leftovers_are_not_samples(tiny):
+    # a temporary file left by an interrupted atomic write must not count as a sample
+    (tiny / "bagel" / "train" / "good" / "xyz" / ".003.abcd.part.tiff").write_bytes(b"partial")
+    assert [s.stem for s in list_samples(tiny, "bagel", "train")] == ["000", "001", "002"]

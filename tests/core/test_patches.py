@@ -253,7 +253,7 @@ def test_unpreprocessed_input_warns(tmp_path):
     write_png(root / "bagel" / "test" / "good" / "rgb" / "000.png", np.zeros((224, 224, 3), np.uint8))
     with pytest.warns(UnpreprocessedWarning, match="tools/preprocessing.py"):
         report = cut_patches(root, tmp_path / "grids", point_num=5000, group_mul=1, progress=False)
-    assert report.unpreprocessed == [root / "bagel" / split / "good" / "xyz" / "000.tiff" for split in ("train", "test")]
+    assert report.unpreprocessed == [root / "bagel" / s / "good" / "xyz" / "000.tiff" for s in ("train", "test")]
     assert report.results[0].n_points == 224 * 224 and report.results[0].n_patches == 10
 
 
@@ -286,7 +286,8 @@ def test_normalize_patches_is_bit_identical_to_the_reference_numpy(parity_dir):
         s = 10 / (10 * e)
         return p * s - np.mean(p * s, axis=0)
 
-    assert np.array_equal(normalize_patches(torch.from_numpy(patches)).numpy(), np.stack([reference(p) for p in patches]))
+    ours = normalize_patches(torch.from_numpy(patches)).numpy()
+    assert np.array_equal(ours, np.stack([reference(p) for p in patches]))
 
 
 # ----------------------------------------------------------------------------- 3.5 pretraining data

@@ -77,3 +77,14 @@ def test_xyz_wrong_shape_and_dtype(tmp_path):
     tifffile.imwrite(tmp_path / "d.tiff", np.ones((8, 8, 3), np.uint8))
     with pytest.raises(DataError, match=r"d\.tiff: expected floating-point .* got dtype uint8"):
         read_xyz(tmp_path / "d.tiff")
+
+
+def test_written_files_get_umask_mode(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "m.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.txt").stat().st_mode & 0o777 == 0o644

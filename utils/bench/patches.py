@@ -4,8 +4,9 @@ The authors' way, re-implemented here (not imported): FPS as a torch loop over t
 (1, N, 3) cloud; kNN from the full (G, N, 3) difference tensor and a full argsort of every
 (G, N) distance row; pretraining data in Python loops over patches and copies, building
 a KD-tree per patch and recomputing the 51-NN sigma for every one of the 20 copies (in 100
-blocks, as the reference does), normalising each patch in NumPy and searching the nearest
-surface point with a fresh KD-tree per patch. Both ways load the cloud with
+blocks, as the reference does), drawing the noise copy by copy, normalising each patch in
+NumPy and searching the nearest surface point with a fresh KD-tree per patch. (Ours: kNN
+by ``topk``, sigma once per patch, noise and normalisation batched over patches.) Both ways load the cloud with
 :func:`core.patches.load_cloud`, use the same FPS start and (pretraining) the same noise
 stream, so their outputs must agree; the agreement is reported.
 """
@@ -112,7 +113,7 @@ def benchmark(ctx) -> list[dict]:
     ``ctx.subset`` training clouds (one process), then ours on the whole data set with
     ``ctx.workers`` workers (files written). Sets ``ctx.grids`` and ``ctx.pretrain_grids``."""
     data = ctx.preprocessed or ctx.raw
-    subset = list_samples(data, ctx.classes[0], "train")[:max(1, ctx.subset)]
+    subset = list_samples(data, ctx.classes[0], "train")[:1 if ctx.quick else max(1, ctx.subset)]
     rows = []
     for pretrain, name in ((False, "default"), (True, "pretrain")):
         r = _subset_rows(ctx, subset, pretrain)

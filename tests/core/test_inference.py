@@ -1,0 +1,118 @@
+"""Batched shape-guided inference (SPEC 8) vs per-point / per-patch / per-row reference computations."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from core.dataset import list_samples
+from core.inference import _neighbours, _sparse_reconstruct, predict, scatter_min_map
+from core.memory import MemoryBuilder, SampleInput, encode_sample, load_sample_input
+from core.rgb_features import build_rgb_extractor
+from core.sdf_model import load_sdf_checkpoint
+from utils.bench.inference import agreement, authors_predict
+
+
+def test_scatter_min_equals_point_loop():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 3000, size=(40, 50))           # many collisions, most pixels untouched
+    values = rng.random((40, 50)).astype(np.float32) + 0.01
+    expected = np.zeros(224 * 224)
+    for v, p in zip(values.ravel(), pixels.ravel()):
+        if expected[p] == 0 or expected[p] > v:
+            expected[p] = v
+    got = scatter_min_map(torch.from_numpy(values), torch.from_numpy(pixels))
+    assert got.dtype == torch.float64 and got.shape == (224, 224)
+    np.testing.assert_array_equal(got.numpy().ravel(), expected)
+
+
+def test_neighbours_sorted_topk_and_modes():
+    rng = np.random.default_rng(2)
+    q = torch.from_numpy(rng.normal(size=(30, 16)).astype(np.float32))
+    pool = torch.from_numpy(rng.normal(size=(200, 16)).astype(np.float32))
+    order = torch.argsort(torch.cdist(q, pool), dim=1)      # no ties in random data
+    assert torch.equal(_neighbours(q, pool, 10, "testing"), order[:, :10])
+    assert torch.equal(_neighbours(q, pool, 10, "alignment"), order[:, 1:11])
+    assert torch.equal(_neighbours(q, pool[:8], 10, "testing"), order_small := torch.argsort(torch.cdist(q, pool[:8]), 1))
+    assert torch.equal(_neighbours(q, pool[:8], 10, "alignment"), order_small[:, 1:])
+    with pytest.raises(ValueError, match="mode"):
+        _neighbours(q, pool, 10, "test")
+
+
+def test_sparse_reconstruct_equals_sparse_encode_on_tensors():
+    """The reference hands torch tensors to sparse_encode, which then works in float64: a residual
+    correlation below float32's epsilon (but above float64's) does NOT stop OMP there."""
+    from sklearn.decomposition import sparse_encode
+
+    rng = np.random.default_rng(3)
+    base = (rng.random((5, 64)) * 0.05 + 0.05).astype(np.float32)   # small features: tiny correlations
+    atoms = np.stack([base + rng.normal(scale=s, size=base.shape).astype(np.float32) * base
+                      for s in (1e-2, 1e-3, 1e-4)] * 20)          # near-collinear neighbour atoms
+    x = (base[None] + rng.normal(scale=1e-3, size=(60, 5, 64)) * base).astype(np.float32)[:, 0]
+    x, atoms = torch.from_numpy(x), torch.from_numpy(atoms)
+    recon, err = _sparse_reconstruct(x, atoms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        codes = [sparse_encode(X=x[b].view(1, -1), dictionary=atoms[b], algorithm="omp", n_nonzero_coefs=3)
+                 for b in range(len(x))]
+        codes32 = [sparse_encode(X=x[b:b + 1].numpy(), dictionary=atoms[b].numpy(), algorithm="omp",
+                                 n_nonzero_coefs=3) for b in range(len(x))]
+    ref = torch.cat([torch.Tensor(c) @ a for c, a in zip(codes, atoms)])
+    np.testing.assert_allclose(recon.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(err.numpy(), torch.nn.functional.pairwise_distance(x, ref, eps=1e-12).numpy(),
+                               rtol=1e-4, atol=1e-7)
+    # the float32 path would have taken different (shorter) supports on some rows
+    assert any((c32 != 0).sum() != (c != 0).sum() for c32, c in zip(codes32, codes))
+
+
+@pytest.fixture(scope="module")
+def small_parity_memory(parity_dir):
+    """A memory from two parity training samples, 90 patches each, and a 40-patch test sample."""
+    model, _ = load_sdf_checkpoint(parity_dir / "sdf_checkpoint.pth")
+    rgb = build_rgb_extractor(weights=parity_dir / "rgb_backbone_wrn50_2.pth")
+    root, grids = parity_dir / "preprocessed", parity_dir / "grids"
+
+    def cut(inp, n):
+        return SampleInput(inp.sample, inp.rgb, inp.points[:n], inp.pixels[:n])
+
+    builder = MemoryBuilder()
+    device = torch.device("cpu")
+    train = list_samples(root, "torus", "train")
+    for s in (train[6], train[2]):
+        builder.add(encode_sample(cut(load_sample_input(s, grids, rgb.mean, rgb.std), 90), model, rgb, device))
+    test = next(s for s in list_samples(root, "torus", "test") if s.defect == "crack")
+    inp = cut(load_sample_input(test, grids, rgb.mean, rgb.std), 40)
+    return builder.build(), model, rgb, inp, device
+
+
+@pytest.mark.parametrize("mode", ["testing", "alignment"])
+def test_batched_predict_equals_authors_way(small_parity_memory, mode):
+    memory, model, rgb, inp, device = small_parity_memory
+    w, b = np.float32(0.07), np.float32(4e-4)
+    times: dict = {}
+    ours = predict(memory, model, encode_sample(inp, model, rgb, device, times), mode, w, b, times)
+    ref = authors_predict(memory, model, rgb, inp, device, mode, w, b)
+    assert set(times) == {"sdf_encode", "rgb_features", "sdf_knn_omp", "sdf_decoder", "rgb_knn_omp", "blur_fusion"}
+    np.testing.assert_allclose(ours.sdf_features, ref["sdf_features"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.patch_scores, ref["patch_scores"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours.sdf_map, ref["sdf_map"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours.rgb_map_28, ref["rgb_map_28"], rtol=1e-4, atol=1e-6)
+    assert (ours.sdf_map > 0).sum() == (ref["sdf_map"] > 0).sum() > 1000
+    assert (ours.rgb_map_28 > 0).sum() > 100
+    diff = agreement(ours, ref)
+    assert diff["score_rel"] < 1e-5 and diff["blur_levels"] <= 1.0 + 1e-6
+    if mode == "testing":
+        assert ours.score == np.float32(ours.sdf_score * ours.rgb_score)
+        np.testing.assert_allclose(ours.fused_map, ref["fused_map"], rtol=1e-4, atol=1e-6)
+        assert ours.fused_map.dtype == np.float64 and ours.aligned_map.min() >= 0
+        np.testing.assert_array_equal(ours.fused_map, np.maximum(ours.aligned_map, ours.sdf_map))
+    else:
+        assert ours.score is None and ours.fused_map is None
+
+
+def test_testing_mode_needs_alignment(small_parity_memory):
+    memory, model, rgb, inp, device = small_parity_memory
+    with pytest.raises(ValueError, match="weight and bias"):
+        predict(memory, model, encode_sample(inp, model, rgb, device), "testing")

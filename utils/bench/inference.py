@@ -1,0 +1,232 @@
+"""Benchmark of memory building and shape-guided inference (SPEC 6-8) against the authors' way.
+
+The authors' way, re-implemented here (not imported) as the reference computes it:
+one encoder forward per patch; one decoder forward per patch with the latent tiled over
+the 500 points (``fc1`` per point, ``fc3`` on the concatenation); one scikit-learn
+``sparse_encode`` call per patch and per foreground RGB cell, given torch tensors (so
+scikit-learn works in float64, as in the reference); a Python loop over every (patch,
+point) pair for the per-pixel minimum, with the reference's "0 means unset" rule; the
+shape-guided pool gathered with a Python loop over the retrieved patches; the
+footprint of each test patch from its own call. Both ways use the same memory, the same
+RGB features and the same alignment, so their outputs must agree up to float rounding.
+
+Also used by ``tests/core/test_inference.py`` as the independent per-patch implementation.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.alignment import N_ALIGN, align
+from core.dataset import IMAGE_SIZE, list_samples
+from core.footprint import FEATURE_SIDE
+from core.inference import K_RGB, K_SDF, N_NONZERO, PDIST_EPS, predict, stage
+from core.memory import DualMemory, EncodedSample, MemoryBuilder, SampleInput, encode_sample, load_sample_input
+from core.pipeline import reference_sample_orders
+from utils.bench import Timer, row
+from utils.blur import blur_map
+
+STAGE = "inference"
+STAGES = ("sdf_encode", "rgb_features", "sdf_knn_omp", "sdf_decoder", "rgb_knn_omp", "blur_fusion")
+
+
+# ----------------------------------------------------------------------------- the authors' way
+def authors_footprint(pix: torch.Tensor) -> torch.Tensor:
+    """``get_relative_rgb_f_indices`` of one patch (SPEC 5.1): shifted cells, clipped by replacement."""
+    cells = torch.unique(torch.div(torch.div(pix, IMAGE_SIZE, rounding_mode="floor"), 8, rounding_mode="floor")
+                         * FEATURE_SIDE + torch.div(pix % IMAGE_SIZE, 8, rounding_mode="floor"))
+    shifted = torch.cat([cells + 2, cells - 2, cells + 2 * FEATURE_SIDE, cells - 2 * FEATURE_SIDE])
+    shifted[shifted < 0] = torch.max(shifted)
+    shifted[shifted > FEATURE_SIDE ** 2 - 1] = torch.min(shifted)
+    return torch.unique(shifted)
+
+
+def authors_encode(sdf_model, points: torch.Tensor) -> torch.Tensor:
+    """One encoder forward per patch."""
+    return torch.cat([sdf_model.encoder(points[g:g + 1]) for g in range(points.shape[0])])
+
+
+def authors_decode(nif, latent: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The reference's NIF forward for one patch: latent (128,) tiled over points (P, 3) -> sdf (P,)."""
+    tiled = latent.expand(points.shape[0], -1)
+    net = torch.cat([F.relu(nif.fc2(points)), F.relu(nif.fc1(tiled))], dim=-1)
+    net = F.relu(nif.fc3(net))
+    for layer in nif.hidden_layers:
+        net = F.relu(layer(net))
+    return nif.fc5(net).reshape(-1)
+
+
+def authors_sparse_code(x: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """``sparse_encode`` on torch tensors for one query (float64 inside), code cast back, reconstruction."""
+    from sklearn.decomposition import sparse_encode
+
+    code = sparse_encode(X=x.view(1, -1), dictionary=atoms, algorithm="omp", n_nonzero_coefs=N_NONZERO,
+                         alpha=1e-10)
+    return torch.matmul(torch.Tensor(code), atoms)
+
+
+def _knn(queries: torch.Tensor, pool: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    _, idx = torch.topk(torch.cdist(queries, pool), k=k + 1, largest=False)
+    return idx[:, 1:] if mode == "alignment" else idx[:, :-1]
+
+
+@torch.no_grad()
+def authors_predict(memory: DualMemory, sdf_model, rgb_extractor, inp: SampleInput, device: torch.device,
+                    mode: str = "testing", weight: Optional[float] = None, bias: Optional[float] = None,
+                    times: Optional[dict] = None) -> dict:
+    """One sample the reference's way (SPEC 8); returns the same quantities as :func:`core.inference.predict`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # premature OMP stops, silenced as in the reference
+        with stage(times, "sdf_encode", device):
+            points = inp.points.to(device)
+            feats = authors_encode(sdf_model, points)
+        with stage(times, "rgb_features", device):
+            rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
+        with stage(times, "sdf_knn_omp", device):
+            knn = _knn(feats, memory.sdf, K_SDF, mode).cpu()
+            feats_cpu, sdf_lib = feats.cpu(), memory.sdf.cpu()
+            recon = torch.cat([authors_sparse_code(feats_cpu[g], sdf_lib[knn[g]]) for g in range(knn.shape[0])])
+            patch_scores = F.pairwise_distance(feats_cpu, recon, eps=PDIST_EPS)
+        with stage(times, "sdf_decoder", device):
+            s_map = np.zeros(IMAGE_SIZE * IMAGE_SIZE, dtype=float)
+            pixels = inp.pixels.numpy()
+            for g in range(points.shape[0]):
+                sdf = np.abs(authors_decode(sdf_model.NIF, recon[g].to(device), points[g]).cpu().numpy())
+                for value, pix in zip(sdf, pixels[g]):
+                    if s_map[pix] == 0 or s_map[pix] > value:
+                        s_map[pix] = value
+        with stage(times, "rgb_knn_omp", device):
+            fp = [authors_footprint(inp.pixels[g]) for g in range(inp.pixels.shape[0])]
+            cells = torch.unique(torch.cat(fp))
+            fp_rows, indptr = memory.fp_rows.cpu(), memory.fp_indptr.cpu()
+            guided = torch.unique(torch.cat([fp_rows[indptr[j]:indptr[j + 1]]
+                                             for j in torch.unique(knn.flatten()).tolist()]))
+            pool = memory.rgb[guided.to(device)]
+            queries = rgb[cells.to(device)]
+            idx = _knn(queries, pool, K_RGB, mode).cpu()
+            queries, pool = queries.cpu(), pool.cpu()
+            rec = torch.cat([authors_sparse_code(queries[q], pool[idx[q]]) for q in range(idx.shape[0])])
+            map28 = torch.zeros(FEATURE_SIDE ** 2)
+            map28[cells] = F.pairwise_distance(queries, rec, eps=PDIST_EPS)
+            rgb_map = F.interpolate(map28.view(1, 1, FEATURE_SIDE, FEATURE_SIDE), size=(IMAGE_SIZE, IMAGE_SIZE),
+                                    mode="bilinear", align_corners=False).view(IMAGE_SIZE, IMAGE_SIZE)
+        with stage(times, "blur_fusion", device):
+            out = dict(sdf_score=patch_scores.max().numpy(), rgb_score=map28.max().numpy(),
+                       sdf_features=feats_cpu.numpy(), patch_scores=patch_scores.numpy(),
+                       sdf_map=s_map.reshape(IMAGE_SIZE, IMAGE_SIZE), rgb_map_28=map28.view(28, 28).numpy(),
+                       rgb_map=rgb_map.numpy())
+            out["sdf_map_blur"] = blur_map(out["sdf_map"])
+            out["rgb_map_blur"] = blur_map(out["rgb_map"])
+            if mode == "testing":
+                out["score"] = (patch_scores.max() * map28.max()).numpy()
+                aligned = rgb_map * weight + bias
+                aligned = torch.clip(aligned, min=0, max=aligned.max())
+                fused = torch.maximum(aligned, torch.from_numpy(out["sdf_map"]))
+                out["aligned_map"], out["fused_map"] = aligned.numpy(), fused.numpy()
+                out["fused_map_blur"] = blur_map(out["fused_map"])
+    return out
+
+
+@torch.no_grad()
+def authors_memory_features(sdf_model, rgb_extractor, inp: SampleInput, device: torch.device
+                            ) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Memory building of one training sample the reference's way: per-patch encoder and
+    footprint calls, the sample's RGB features moved to the CPU."""
+    feats = authors_encode(sdf_model, inp.points.to(device))
+    rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0].cpu()
+    return feats.cpu(), rgb, [authors_footprint(inp.pixels[g]) for g in range(inp.pixels.shape[0])]
+
+
+# ----------------------------------------------------------------------------- comparison
+def agreement(ours, ref: dict) -> dict:
+    """Largest differences between a :class:`core.inference.Prediction` and :func:`authors_predict`'s output."""
+    def rel(a, b):
+        return float(abs(np.float64(a) - np.float64(b)) / max(abs(np.float64(b)), 1e-30))
+
+    def levels(a, b, raw_max):
+        return float(np.abs(np.asarray(a, np.float64) - b).max() / (raw_max / 255)) if raw_max > 0 else 0.0
+
+    out = dict(score_rel=max(rel(ours.sdf_score, ref["sdf_score"]), rel(ours.rgb_score, ref["rgb_score"])),
+               sdf_map_abs=float(np.abs(ours.sdf_map - ref["sdf_map"]).max()),
+               rgb28_abs=float(np.abs(ours.rgb_map_28 - ref["rgb_map_28"]).max()),
+               blur_levels=max(levels(ours.sdf_map_blur, ref["sdf_map_blur"], ours.sdf_map.max()),
+                               levels(ours.rgb_map_blur, ref["rgb_map_blur"], ours.rgb_map.max())))
+    if ours.score is not None:
+        out["score_rel"] = max(out["score_rel"], rel(ours.score, ref["score"]))
+        out["blur_levels"] = max(out["blur_levels"], levels(ours.fused_map_blur, ref["fused_map_blur"],
+                                                            ours.fused_map.max()))
+    return out
+
+
+# ----------------------------------------------------------------------------- benchmark
+def benchmark(ctx) -> list[dict]:
+    """Per-sample inference time by stage, memory building per training sample, and the authors' way
+    on ``ctx.subset`` test samples (same memory, same alignment), with agreement (BENCH.md)."""
+    from core.rgb_features import build_rgb_extractor
+    from core.sdf_model import load_sdf_checkpoint
+
+    device = ctx.device
+    cls = ctx.classes[0]
+    root, grids = ctx.preprocessed or ctx.raw, ctx.grids
+    sdf_model, _ = load_sdf_checkpoint(ctx.ckpt, map_location=device)
+    rgb = build_rgb_extractor("wide_resnet50_2", ctx.extra.get("rgb_weights", "random"), device, seed=ctx.seed)
+    train, test = list_samples(root, cls, "train"), list_samples(root, cls, "test")
+    fit_order, align_order = reference_sample_orders(len(train), ctx.seed)
+    load = lambda s: load_sample_input(s, grids, rgb.mean, rgb.std)  # noqa: E731
+
+    inputs = [load(train[i]) for i in fit_order]
+    with torch.no_grad(), Timer(device) as t_fit:
+        builder, encoded = MemoryBuilder(), []
+        for inp in inputs:
+            encoded.append(encode_sample(inp, sdf_model, rgb, device))
+            builder.add(encoded[-1])
+        memory = builder.build()
+    n_sub = max(1, min(ctx.subset, len(inputs)))
+    with torch.no_grad(), Timer(device) as t_fit_authors:
+        authors_feats = [authors_memory_features(sdf_model, rgb, inp, device)[0] for inp in inputs[:n_sub]]
+    feat_diff = max(float((a - e.sdf_features.cpu()).abs().max()) for a, e in zip(authors_feats, encoded))
+    align_enc = [encoded[fit_order.index(i)] for i in align_order[:N_ALIGN]]
+    with torch.no_grad(), Timer(device) as t_align:
+        alignment = align(memory, sdf_model, align_enc)
+    del encoded, align_enc
+
+    ours_times: dict = {s: 0.0 for s in STAGES}
+    ours_sub: dict = {s: 0.0 for s in STAGES}
+    authors_times: dict = {s: 0.0 for s in STAGES}
+    worst: dict = {}
+    for n, sample in enumerate(test):
+        inp = load(sample)
+        times: dict = {}
+        with torch.no_grad():
+            pred = predict(memory, sdf_model, encode_sample(inp, sdf_model, rgb, device, times), "testing",
+                           alignment.weight, alignment.bias, times)
+        for s in STAGES:
+            ours_times[s] += times.get(s, 0.0)
+        if n < ctx.subset:
+            for s in STAGES:
+                ours_sub[s] += times.get(s, 0.0)
+            ref = authors_predict(memory, sdf_model, rgb, inp, device, "testing", alignment.weight,
+                                  alignment.bias, authors_times)
+            for k, v in agreement(pred, ref).items():
+                worst[k] = max(worst.get(k, 0.0), v)
+    n_test, n_ref = len(test), min(ctx.subset, len(test))
+    agree = (f"{n_ref} samples: scores max rel {worst.get('score_rel', 0):.1e}, SDF map max |d| "
+             f"{worst.get('sdf_map_abs', 0):.1e}, RGB 28 map max |d| {worst.get('rgb28_abs', 0):.1e}, blurred maps "
+             f"<= {worst.get('blur_levels', 0):.2f} levels") if n_ref else None
+    note = f"class {cls}, {len(train)} train / {n_test} test samples, device {device}"
+    rows = [row(STAGE, "memory building (SDF encode + RGB features + footprints)", t_fit.seconds / len(inputs),
+                t_fit_authors.seconds / n_sub, unit="s/train sample",
+                agree=f"SDF memory features max |d| {feat_diff:.1e} on {n_sub} samples",
+                note="authors' way: per-patch encoder and footprint calls (input loading excluded in both)"),
+            row(STAGE, "alignment (25 samples, alignment mode)", t_align.seconds / max(1, len(align_order[:N_ALIGN])),
+                unit="s/sample", note=note)]
+    for s in STAGES:
+        rows.append(row(STAGE, f"test: {s}", ours_times[s] / n_test,
+                        authors_times[s] / n_ref if n_ref else None, note=f"ours over {n_test} samples"))
+    rows.append(row(STAGE, "test: total per sample (same subset)", sum(ours_sub.values()) / max(n_ref, 1),
+                    sum(authors_times.values()) / n_ref if n_ref else None, agree=agree, note=note))
+    return rows
