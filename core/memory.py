@@ -32,7 +32,10 @@ from core.patches import POINT_NUM, load_grid, normalize_patches
 from core.rgb_features import load_rgb_input
 from utils.io import DataError
 
-ENCODER_CHUNK = 128  # patches per encoder call: the (B, 1024, 500) activation is 2 MB per patch
+# Patches per encoder call. The (B, 1024, 500) activation is 2 MB per patch: on CPU, batches
+# of up to 8 patches ran 2.4x faster than batches of 32-128 (0.7 s vs 1.7 s for 245 patches
+# on 2 cores, cache and allocator effects); on CUDA large batches fill the GPU.
+ENCODER_CHUNK = {"cpu": 8, "cuda": 512}
 
 
 class MissingGridError(DataError):
@@ -81,8 +84,10 @@ def load_sample_input(sample: Sample, grid_root: str | os.PathLike, mean, std,
 
 
 @torch.no_grad()
-def encode_patches(sdf_model, points: torch.Tensor, chunk: int = ENCODER_CHUNK) -> torch.Tensor:
-    """PointNet latents (G, 128) of normalised patches (G, K, 3), batched by ``chunk`` patches."""
+def encode_patches(sdf_model, points: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+    """PointNet latents (G, 128) of normalised patches (G, K, 3), batched by ``chunk`` patches
+    (default by device type, :data:`ENCODER_CHUNK`)."""
+    chunk = chunk or ENCODER_CHUNK.get(points.device.type, ENCODER_CHUNK["cpu"])
     return torch.cat([sdf_model.encoder(part) for part in points.split(chunk)])
 
 

@@ -122,8 +122,8 @@ class PretrainSet:
             missing = [k for k in PRETRAIN_KEYS if k not in heads]
             if missing:
                 raise DataError(f"{path}: missing key(s) {missing}; found {sorted(heads)}")
-            (origins, _), (samples, s_dtype), (points, p_dtype) = (heads[k] for k in
-                                                                   ("origins_all", "samples_all", "points_all"))
+            origins, samples, points = (heads[k][0] for k in ("origins_all", "samples_all", "points_all"))
+            s_dtype, p_dtype = heads["samples_all"][1], heads["points_all"][1]
             if len(origins) != 3 or origins[2] != 3:
                 raise DataError(f"{path}: origins_all should be (G, K, 3), got {origins}")
             if origins[1] != point_num:

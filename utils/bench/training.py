@@ -1,0 +1,188 @@
+"""Training-stage benchmark (BENCH.md): seconds per pretraining iteration, ours vs the authors' way.
+
+Ours (``core.sdf_training``): float32 data held once, a batch gathered by two index arrays,
+the latent's half of fc3 computed once per patch, the SDF gradient written out
+(``LocalNIF.forward_with_gradient``) and one backward pass.
+The authors' way (SPEC 4.2-4.3 as the reference runs it): per-patch float64 arrays in Python
+lists, a ``DataLoader`` drawing a random copy per item with Python ``random``, a float64 ->
+float32 conversion and device copy per batch, the latent tiled to every point and pushed
+through fc1 and the full fc3 per point, ``autograd.grad(create_graph=True)`` and backward.
+Both start from the same weights; on one shared batch their losses and parameter
+gradients are compared. Uses ``ctx.pretrain_grids`` (``cut_patches.py --pretrain`` output)
+when set, otherwise writes a small synthetic PRETRAIN_DATA set into ``ctx.work``.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from core.sdf_model import SDFModel, save_sdf_checkpoint
+from core.sdf_training import PRETRAIN_DIR, PretrainSet, epoch_batches, pcp_loss, pretrain_files
+from utils.bench import BenchContext, Timer, row
+from utils.io import save_npz
+
+POINT_NUM = 500
+N_COPIES = 20
+
+
+def synthetic_pretrain(grid: Path, n_files: int, patches: int, seed: int) -> Path:
+    """PRETRAIN_DATA of sphere-cap patches by the SPEC 3.5 recipe (51st-neighbour sigma, 13 + 7 copies)."""
+    rng = np.random.default_rng(seed)
+    scales = np.r_[np.full(13, 0.5), np.ones(7)]
+    for f in range(n_files):
+        samples, points, origins = [], [], []
+        for _ in range(patches):
+            d = rng.normal(size=(POINT_NUM, 3)) * [0.3, 0.3, 1.0] + [0.0, 0.0, 3.0]
+            patch = rng.uniform(0.8, 1.5) * d / np.linalg.norm(d, axis=1, keepdims=True)
+            patch = patch / np.ptp(patch, axis=0).max()
+            patch -= patch.mean(0)
+            tree = cKDTree(patch)
+            sigma = tree.query(patch, k=51)[0][:, -1:]
+            queries = np.concatenate([patch + s * sigma * rng.normal(size=patch.shape) for s in scales])
+            samples.append(queries)
+            points.append(patch[tree.query(queries)[1]])
+            origins.append(patch)
+        save_npz(grid / PRETRAIN_DIR / "synthetic" / f"{f:03d}.npz", samples_all=np.asarray(samples),
+                 points_all=np.asarray(points, np.float32), origins_all=np.asarray(origins, np.float32))
+    return grid
+
+
+class AuthorsPretrainData(torch.utils.data.Dataset):
+    """The reference's pretraining data set: per-patch float64 arrays, a random copy per fetch."""
+
+    def __init__(self, files: list[Path]):
+        self.samples, self.points = [], []
+        for path in files:
+            with np.load(path) as data:
+                self.samples.extend(np.asarray(data["samples_all"], np.float64))
+                self.points.extend(np.asarray(data["points_all"], np.float64))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        rt = random.randint(0, N_COPIES - 1)
+        rows = slice(rt * POINT_NUM, (rt + 1) * POINT_NUM)
+        return self.points[i][rows], self.samples[i][rows]
+
+
+def authors_loss(model: SDFModel, points: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """The reference's forward and loss: tiled latent, fc1 and full fc3 per point, double backprop."""
+    nif = model.NIF
+    feature = model.encoder(points)
+    tiled = torch.tile(feature[:, None, :], [1, samples.shape[1], 1])
+    samples = samples.requires_grad_(True)
+    net = torch.cat([torch.relu(nif.fc2(samples)), torch.relu(nif.fc1(tiled))], dim=2)
+    net = torch.relu(nif.fc3(net))
+    for layer in nif.hidden_layers:
+        net = torch.relu(layer(net))
+    sdf = nif.fc5(net)
+    grad = torch.autograd.grad(sdf, samples, torch.ones_like(sdf), create_graph=True, retain_graph=True,
+                               only_inputs=True)[0]
+    length = torch.sqrt(torch.sum(grad ** 2, dim=-1) + 1e-12).unsqueeze(-1)
+    g_points = samples - sdf * (grad / length)
+    return torch.linalg.norm(points - g_points, ord=2, dim=-1).mean()
+
+
+def _compare(model: SDFModel, targets: torch.Tensor, queries: torch.Tensor) -> str:
+    """Loss and parameter gradients of both ways on one batch, from the same weights."""
+    out = []
+    for fn in (pcp_loss, authors_loss):
+        m = copy.deepcopy(model)
+        loss = fn(m, targets.clone(), queries.clone())
+        loss.backward()
+        out.append((loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    (ours, g_ours), (theirs, g_theirs) = out
+    rel_loss = abs(ours - theirs) / abs(theirs)
+    rel_grad = ((g_ours - g_theirs).norm() / g_theirs.norm()).item()
+    return f"loss {ours:.7f} vs {theirs:.7f} (rel {rel_loss:.1e}); grads rel L2 {rel_grad:.1e}"
+
+
+def _time_steps(step, batches, device) -> float:
+    """Mean seconds per iteration over ``batches`` after one untimed warm-up step."""
+    step(batches[0])
+    with Timer(device) as t:
+        for b in batches[1:]:
+            step(b)
+    return t.seconds / (len(batches) - 1)
+
+
+def _measure(data: PretrainSet, authors: AuthorsPretrainData, device: torch.device, batch: int, steps: int,
+             seed: int) -> tuple[float, float, str, SDFModel]:
+    torch.manual_seed(seed)
+    initial = SDFModel().to(device).train()
+
+    model = copy.deepcopy(initial)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    index, copies = epoch_batches(len(data), data.n_copies, batch, seed, 0)
+    order = [(index[i % len(index)], copies[i % len(index)]) for i in range(steps + 1)]
+
+    def ours_step(ic):
+        targets, queries = (t.to(device, non_blocking=True) for t in data.batch(*ic))
+        loss = pcp_loss(model, targets, queries)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    ours = _time_steps(ours_step, order, device)
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    ref = copy.deepcopy(initial)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-4, betas=(0.9, 0.999))
+    loader = iter(torch.utils.data.DataLoader(authors, batch_size=batch, shuffle=True, num_workers=0))
+    authors_batches = [next(loader) for _ in range(steps + 1)]
+
+    def authors_step(batch_pair):
+        points, samples = batch_pair
+        points = points.reshape(batch, POINT_NUM, 3).to(torch.float32).to(device)
+        samples = samples.reshape(batch, POINT_NUM, 3).to(torch.float32).to(device)
+        loss = authors_loss(ref, points, samples)
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+
+    theirs = _time_steps(authors_step, authors_batches, device)
+    targets, queries = (t.to(device) for t in data.batch(*order[0]))
+    return ours, theirs, _compare(initial, targets, queries), model
+
+
+def benchmark(ctx: BenchContext) -> list[dict]:
+    work = Path(ctx.work) / "training"
+    grid = ctx.pretrain_grids
+    if grid is None or not (Path(grid) / PRETRAIN_DIR).is_dir():
+        grid = work / "synthetic_grid"
+        if not (grid / PRETRAIN_DIR).is_dir():
+            synthetic_pretrain(grid, n_files=2, patches=24 if ctx.quick else 48, seed=ctx.seed)
+    files = pretrain_files(grid)
+    with Timer() as t_ours:
+        data = PretrainSet(grid, POINT_NUM, progress=False)
+    with Timer() as t_authors:
+        authors = AuthorsPretrainData(files)
+    n = len(data)
+    rows = [row("training", f"load pretraining data ({n} patches)", t_ours.seconds, t_authors.seconds, unit="s",
+                agree="same arrays" if np.array_equal(data.queries[:, 0].reshape(n, -1),
+                                                      np.float32([s[:POINT_NUM] for s in authors.samples]
+                                                                 ).reshape(n, -1)) else "ARRAYS DIFFER"),
+            row("training", "pretraining data held in RAM", data.queries.nbytes * 2 / 2**20,
+                sum(a.nbytes for a in authors.samples + authors.points) / 2**20, unit="MiB",
+                note="float32 (memory-mapped beyond 4 GiB) vs float64 lists")]
+    devices = [torch.device("cpu")] + ([ctx.device] if ctx.device.type == "cuda" else [])
+    model = None
+    for device in devices:
+        batch = 8 if ctx.quick else 32
+        steps = 1 if ctx.quick else (3 if device.type == "cpu" else 20)
+        if n < batch:
+            raise ValueError(f"{grid}: {n} pretraining patches, fewer than one batch of {batch}")
+        ours, theirs, agree, model = _measure(data, authors, device, batch, steps, ctx.seed)
+        rows.append(row("training", f"train iteration, batch {batch} ({device.type})", ours, theirs,
+                        unit="s/iteration", agree=agree, note=f"mean of {steps} steps after a warm-up step"))
+    if ctx.ckpt is None:
+        ctx.ckpt = work / "ckpt_bench.pth"
+        save_sdf_checkpoint(ctx.ckpt, model, 0)
+    return rows
