@@ -1,7 +1,8 @@
 """Shape-guided inference for one sample (SPEC 8), batched over all its patches.
 
-Per sample: one distance matrix + ``topk`` against the SDF memory, one batched OMP
-(:func:`core.sparse_coding.omp_reconstruct`) for all patches, one decoder pass over all
+Per sample (:func:`encode_sample`, then :func:`predict`): one encoder pass over all
+patches, one distance matrix + ``topk`` against the SDF memory, one batched OMP
+(:func:`core.sparse_coding.omp`, float64 like the reference's, see :func:`_sparse_reconstruct`) for all patches, one decoder pass over all
 patches (chunked for memory) with the reconstructed latents, a scatter-min of the
 point-wise |SDF| into the 224x224 map, then one distance matrix + ``topk`` + batched OMP
 for all foreground RGB cells against the shape-guided RGB pool. No per-patch or
@@ -10,7 +11,9 @@ per-point Python loop.
 Distances use ``torch.cdist`` in its default compute mode, as the reference does: for
 more than 25 rows it evaluates ``|x|² + |y|² − 2x·y`` in float32, whose cancellation
 errors decide near-ties; calling it the same way reproduces the reference's neighbour
-lists (SPEC 8.1 step 2). ``torch.topk(largest=False)`` returns them in ascending order.
+lists (SPEC 8.1 step 2) up to near-ties that the CPU's float32 GEMM kernels order
+differently (4 of ~2,400 RGB cells on the parity fixture). ``torch.topk(largest=False)``
+returns them sorted ascending.
 
 "testing" mode keeps neighbours 1..k, "alignment" mode drops the nearest and keeps
 2..k+1 (SPEC 7 step 2).
@@ -27,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from core.dataset import IMAGE_SIZE
-from core.footprint import FEATURE_SIDE, N_CELLS
-from core.memory import DualMemory, EncodedSample
+from core.footprint import FEATURE_SIDE, N_CELLS, footprints
+from core.memory import DualMemory, EncodedSample, SampleInput, encode_patches
 from core.sparse_coding import omp
 from utils.blur import blur_map
 
@@ -57,6 +60,20 @@ def stage(times: Optional[dict], name: str, device: torch.device):
     if cuda:
         torch.cuda.synchronize()
     times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+
+@torch.no_grad()
+def encode_sample(inp: SampleInput, sdf_model, rgb_extractor, device: torch.device,
+                  times: Optional[dict] = None) -> EncodedSample:
+    """Run both feature extractors on one sample (SPEC 5, 8.1 step 1, 8.2 step 1-2)."""
+    with stage(times, "sdf_encode", device):
+        points = inp.points.to(device)
+        feats = encode_patches(sdf_model, points)
+    with stage(times, "rgb_features", device):
+        rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
+    indptr, cells = footprints(inp.pixels.to(device))
+    inp = SampleInput(inp.sample, inp.rgb, points, inp.pixels.to(device))
+    return EncodedSample(inp, feats, rgb, indptr, cells)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Dual memory of one class (SPEC 6): SDF memory, foreground RGB memory, footprint table.
 
 Every training sample is loaded and encoded in one batched pass
-(:func:`load_sample_input`, :func:`encode_sample`): all its patches go through the
+(:func:`load_sample_input`, :func:`core.inference.encode_sample`): all its patches go through the
 PointNet encoder in one call (chunked for memory), its RGB image through the backbone
 once, and the shifted footprints of all its patches (SPEC 5.1) come from one vectorised
 call. :class:`MemoryBuilder` appends the sample in fit order ``t``:
@@ -89,22 +89,6 @@ def encode_patches(sdf_model, points: torch.Tensor, chunk: Optional[int] = None)
     (default by device type, :data:`ENCODER_CHUNK`)."""
     chunk = chunk or ENCODER_CHUNK.get(points.device.type, ENCODER_CHUNK["cpu"])
     return torch.cat([sdf_model.encoder(part) for part in points.split(chunk)])
-
-
-@torch.no_grad()
-def encode_sample(inp: SampleInput, sdf_model, rgb_extractor, device: torch.device,
-                  times: Optional[dict] = None) -> EncodedSample:
-    """Run both feature extractors on one sample (SPEC 5, 8.1 step 1, 8.2 step 1-2)."""
-    from core.inference import stage  # timing helper shared with the inference stages
-
-    with stage(times, "sdf_encode", device):
-        points = inp.points.to(device)
-        feats = encode_patches(sdf_model, points)
-    with stage(times, "rgb_features", device):
-        rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
-    indptr, cells = footprints(inp.pixels.to(device))
-    inp = SampleInput(inp.sample, inp.rgb, points, inp.pixels.to(device))
-    return EncodedSample(inp, feats, rgb, indptr, cells)
 
 
 @dataclass

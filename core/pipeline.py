@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from core.alignment import N_ALIGN, Alignment, align
 from core.dataset import IMAGE_SIZE, Sample, list_samples, load_gt_mask, resolve_classes
-from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction, predict
-from core.memory import DualMemory, EncodedSample, MemoryBuilder, encode_sample, load_sample_input
+from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction, encode_sample, predict
+from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
 from core.patches import POINT_NUM
 from utils.io import DataError, atomic_path, write_text
 from utils.metrics import evaluate_method

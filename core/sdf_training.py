@@ -352,6 +352,9 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
                 optimizer.step()
                 losses.append(loss.detach())
             mean = torch.stack(losses).double().mean().item()
+            if not np.isfinite(mean):
+                raise FloatingPointError(f"{run_dir}: the loss of epoch {epoch} is {mean}; training stopped "
+                                         f"(the checkpoints there hold the last good weights)")
             log.write("epoch:%04d\tloss:%.9f\n" % (epoch, mean))
             if progress:
                 tqdm.write(f"epoch {epoch:4d}  loss {mean:.6f}")

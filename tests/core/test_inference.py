@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from core.dataset import list_samples
-from core.inference import _neighbours, _sparse_reconstruct, predict, scatter_min_map
-from core.memory import MemoryBuilder, SampleInput, encode_sample, load_sample_input
+from core.inference import _neighbours, _sparse_reconstruct, encode_sample, predict, scatter_min_map
+from core.memory import MemoryBuilder, SampleInput, load_sample_input
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
 from utils.bench.inference import agreement, authors_predict

@@ -258,21 +258,21 @@ def test_resume_continues_iterations_and_optimiser_exactly(small_grid, tmp_path)
 
 
 def test_training_halves_the_loss_and_learns_the_surface(tmp_path):
-    """400 Adam steps (batch 8 of 64-point wavy-plane patches, lr 1e-3: sized for a CPU test suite)."""
-    grid = write_pretrain(tmp_path / "grid", {"plane": [32, 32]}, point_num=64, n_copies=4, kinds=("plane",))
-    run = train(_config(grid, tmp_path / "ck", batch_size=8, epoch=49, save_every=100, point_num=64), progress=False)
+    """320 Adam steps (batch 8 of 48-point wavy-plane patches, lr 1e-3: sized for a CPU test suite)."""
+    grid = write_pretrain(tmp_path / "grid", {"plane": [32, 32]}, point_num=48, n_copies=4, kinds=("plane",))
+    run = train(_config(grid, tmp_path / "ck", batch_size=8, epoch=39, save_every=100, point_num=48), progress=False)
     log = read_log(run)
-    assert len(log) == 50                                        # 64 patches / batch 8 = 8 steps per epoch
-    data = PretrainSet(grid, point_num=64, progress=False)
+    assert len(log) == 40                                        # 64 patches / batch 8 = 8 steps per epoch
+    data = PretrainSet(grid, point_num=48, progress=False)
     standstill = np.linalg.norm(data.queries - data.targets, axis=-1).mean()   # loss of sdf = 0
     first, last = log[0][1], log[-1][1]
     assert last < 0.5 * first                                    # the loss halves ...
     assert last < 0.6 * standstill                               # ... and beats leaving the queries in place
 
-    model, iteration = load_sdf_checkpoint(run / "ckpt_000050.pth")
-    assert iteration == 50 and not model.training
+    model, iteration = load_sdf_checkpoint(run / "ckpt_000040.pth")
+    assert iteration == 40 and not model.training
     rng = np.random.default_rng(123)
-    held = [surface_patch(rng, 64, "plane") for _ in range(8)]  # held-out patches (not in the data set)
+    held = [surface_patch(rng, 48, "plane") for _ in range(8)]  # held-out patches (not in the data set)
     points = torch.from_numpy(np.stack([p for p, _ in held]))
     normals = torch.from_numpy(np.stack([n for _, n in held]))
     with torch.no_grad():
@@ -280,4 +280,6 @@ def test_training_halves_the_loss_and_learns_the_surface(tmp_path):
         on = model.NIF(latent, points).abs().mean().item()
         off = 0.5 * sum(model.NIF(latent, points + d * normals).abs().mean().item() for d in (0.1, -0.1))
     # patches span 1 after normalisation: +-0.1 along the normal is 10 % of the patch size
+    print(f"loss {first:.4f} -> {last:.4f} (standstill {standstill:.4f}); mean |sdf| on the surface {on:.4f}, "
+          f"at +-10 % along the normal {off:.4f}: ratio {off / on:.2f}")
     assert off > 2.5 * on, (on, off)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from core.alignment import N_ALIGN, align
 from core.dataset import IMAGE_SIZE, list_samples
 from core.footprint import FEATURE_SIDE
-from core.inference import K_RGB, K_SDF, N_NONZERO, PDIST_EPS, predict, stage
-from core.memory import DualMemory, EncodedSample, MemoryBuilder, SampleInput, encode_sample, load_sample_input
+from core.inference import K_RGB, K_SDF, N_NONZERO, PDIST_EPS, encode_sample, predict, stage
+from core.memory import DualMemory, MemoryBuilder, SampleInput, load_sample_input
 from core.pipeline import reference_sample_orders
 from utils.bench import Timer, row
 from utils.blur import blur_map

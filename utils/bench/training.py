@@ -4,7 +4,8 @@ Ours (``core.sdf_training``): float32 data held once, a batch gathered by two in
 the latent's half of fc3 computed once per patch, the SDF gradient written out
 (``LocalNIF.forward_with_gradient``) and one backward pass.
 The authors' way (SPEC 4.2-4.3 as the reference runs it): per-patch float64 arrays in Python
-lists, a ``DataLoader`` drawing a random copy per item with Python ``random``, a float64 ->
+lists, a ``DataLoader`` drawing a random copy per item with Python ``random`` (run in the main
+process here; the reference's one worker process only overlaps this with compute), a float64 ->
 float32 conversion and device copy per batch, the latent tiled to every point and pushed
 through fc1 and the full fc3 per point, ``autograd.grad(create_graph=True)`` and backward.
 Both start from the same weights; on one shared batch their losses and parameter
@@ -103,15 +104,6 @@ def _compare(model: SDFModel, targets: torch.Tensor, queries: torch.Tensor) -> s
     return f"loss {ours:.7f} vs {theirs:.7f} (rel {rel_loss:.1e}); grads rel L2 {rel_grad:.1e}"
 
 
-def _time_steps(step, batches, device) -> float:
-    """Mean seconds per iteration over ``batches`` after one untimed warm-up step."""
-    step(batches[0])
-    with Timer(device) as t:
-        for b in batches[1:]:
-            step(b)
-    return t.seconds / (len(batches) - 1)
-
-
 def _measure(data: PretrainSet, authors: AuthorsPretrainData, device: torch.device, batch: int, steps: int,
              seed: int) -> tuple[float, float, str, SDFModel]:
     torch.manual_seed(seed)
@@ -129,17 +121,21 @@ def _measure(data: PretrainSet, authors: AuthorsPretrainData, device: torch.devi
         loss.backward()
         opt.step()
 
-    ours = _time_steps(ours_step, order, device)
-
     random.seed(seed)
     torch.manual_seed(seed)
     ref = copy.deepcopy(initial)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-4, betas=(0.9, 0.999))
-    loader = iter(torch.utils.data.DataLoader(authors, batch_size=batch, shuffle=True, num_workers=0))
-    authors_batches = [next(loader) for _ in range(steps + 1)]
 
-    def authors_step(batch_pair):
-        points, samples = batch_pair
+    def full_batches():
+        while True:                      # epochs of a shuffled loader; batches of another size skipped
+            for points, samples in torch.utils.data.DataLoader(authors, batch_size=batch, shuffle=True):
+                if points.shape[0] == batch:
+                    yield points, samples
+
+    loader = full_batches()
+
+    def authors_step(_):
+        points, samples = next(loader)
         points = points.reshape(batch, POINT_NUM, 3).to(torch.float32).to(device)
         samples = samples.reshape(batch, POINT_NUM, 3).to(torch.float32).to(device)
         loss = authors_loss(ref, points, samples)
@@ -147,7 +143,18 @@ def _measure(data: PretrainSet, authors: AuthorsPretrainData, device: torch.devi
         loss.backward()
         ref_opt.step()
 
-    theirs = _time_steps(authors_step, authors_batches, device)
+    # one untimed warm-up step each, then alternate the two so that load changes hit both alike
+    ours_step(order[0])
+    authors_step(None)
+    ours = theirs = 0.0
+    for ic in order[1:]:
+        with Timer(device) as t:
+            ours_step(ic)
+        ours += t.seconds
+        with Timer(device) as t:
+            authors_step(None)
+        theirs += t.seconds
+    ours, theirs = ours / steps, theirs / steps
     targets, queries = (t.to(device) for t in data.batch(*order[0]))
     return ours, theirs, _compare(initial, targets, queries), model
 
