@@ -2,14 +2,16 @@
 
 Data (SPEC 4.3, FIX 11.17): every patch of ``<grid>/PRETRAIN_DATA/*/*.npz`` (files sorted)
 is one item holding ``C`` noise copies (``C = 20`` for the SPEC 3.5 recipe) of ``point_num``
-queries and their nearest-surface targets. All of it is held as float32 arrays of shape
-``(N, C, point_num, 3)``:
+queries and their nearest-surface targets, held as float32 ``(G, C, point_num, 3)`` arrays:
 
-* up to ``in_memory_limit`` bytes (default 4 GiB for both arrays together) in RAM;
-* beyond that, converted once into ``<grid>/PRETRAIN_DATA/.cache/{queries,targets}.npy``
-  (uncompressed float32, written atomically, ``manifest.json`` written last names the source
-  files with their sizes and modification times) and memory-mapped. A later run reuses the
-  cache while the manifest matches the files and rebuilds it otherwise.
+* up to ``in_memory_limit`` bytes (default 4 GiB for queries and targets together): read
+  into RAM;
+* beyond that, when the files store both arrays uncompressed as float32 (what
+  ``cut_patches.py --pretrain`` writes): memory-mapped in place, one map per file, no copy;
+* otherwise (compressed or float64 files, e.g. the reference's): converted once into
+  ``<grid>/PRETRAIN_DATA/.cache/{queries,targets}.npy`` (float32, written atomically;
+  ``manifest.json``, written last, names the source files with their sizes and modification
+  times) and memory-mapped; a later run reuses the cache while the manifest matches.
 
 Randomness (SPEC 4.3, KEEP 11.15; FIX 11.9: seeded): epoch ``e`` draws its shuffle and its
 one noise copy per patch from ``numpy.random.default_rng([seed, e])``, and the model's
@@ -32,6 +34,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import zipfile
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -55,20 +58,38 @@ CONFIG_NAME = "Congiguration"  # (sic) as the authors name it
 
 
 # ----------------------------------------------------------------------------- data
-def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of the arrays of an ``.npz`` archive, read from the headers only."""
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One array of an ``.npz`` archive, described from its headers only."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    stored: bool               # uncompressed in the zip
+    offset: int                # where its data start in the file (meaningful when ``stored``)
+
+
+def _npz_members(path: Path) -> dict[str, _Member]:
+    """Shapes, dtypes and data offsets of the arrays of an ``.npz`` archive, without reading the data."""
     out = {}
     try:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                with zf.open(name) as fh:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            for info in zf.infolist():
+                with zf.open(info) as fh:
                     version = np.lib.format.read_magic(fh)
-                    if version not in readers:
-                        raise ValueError(f"unsupported .npy format version {version} of {name}")
-                    shape, _, dtype = readers[version](fh)
-                out[name.removesuffix(".npy")] = (tuple(shape), np.dtype(dtype))
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                    if version not in _HEADER_READERS:
+                        raise ValueError(f"unsupported .npy format version {version} of {info.filename}")
+                    shape, fortran, dtype = _HEADER_READERS[version](fh)
+                    header = fh.tell()
+                raw.seek(info.header_offset + 26)                 # local header: name and extra lengths
+                name_len, extra_len = struct.unpack("<HH", raw.read(4))
+                offset = info.header_offset + 30 + name_len + extra_len + header
+                out[info.filename.removesuffix(".npy")] = _Member(tuple(shape), np.dtype(dtype), bool(fortran),
+                                                                  info.compress_type == zipfile.ZIP_STORED, offset)
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: cannot read npz archive ({type(exc).__name__}: {exc})") from exc
     return out
 
@@ -90,116 +111,138 @@ def pretrain_files(grid_path: str | os.PathLike) -> list[Path]:
 
 
 class PretrainSet:
-    """All pretraining patches: ``queries`` / ``targets`` float32 arrays (N, C, point_num, 3).
+    """All pretraining patches as float32 ``parts``: (queries, targets) pairs of shape (G, C, point_num, 3).
 
-    ``queries[i, c]`` are the 500 noisy queries of noise copy ``c`` of patch ``i`` (rows
-    ``c*500 ... c*500+499`` of the file's ``samples_all``), ``targets[i, c]`` their
-    nearest-surface points (``points_all``). See the module docstring for RAM vs memory map.
+    ``queries[i, c]`` are the ``point_num`` noisy queries of noise copy ``c`` of patch ``i``
+    (rows ``c*point_num ...`` of the file's ``samples_all``), ``targets[i, c]`` their
+    nearest-surface points (``points_all``). One part in RAM or in the cache, or one part per
+    file when the files are memory-mapped in place (see the module docstring); ``storage``
+    says which.
     """
 
     def __init__(self, grid_path: str | os.PathLike, point_num: int = 500,
                  in_memory_limit: int = IN_MEMORY_LIMIT, progress: bool = True):
         self.files = pretrain_files(grid_path)
         self.point_num = point_num
-        self.counts, self.n_copies = self._check(self.files, point_num)
-        shape = (int(sum(self.counts)), self.n_copies, point_num, 3)
+        members = [self._check(path, point_num) for path in self.files]
+        counts = [m["samples_all"].shape[0] for m in members]
+        copies = {m["samples_all"].shape[1] // point_num for m in members}
+        if len(copies) > 1:
+            raise DataError(f"{self.files[0].parent.parent}: files differ in noise copies per patch: {sorted(copies)}")
+        self.n_copies = copies.pop()
+        self.file_starts = np.cumsum([0] + counts[:-1])
+        self.size = int(sum(counts))
+        if self.size == 0:
+            raise DataError(f"{self.files[0].parent.parent}: the pretraining files hold no patches")
+        shape = (self.size, self.n_copies, point_num, 3)
         nbytes = 2 * int(np.prod(shape)) * 4
         if nbytes <= in_memory_limit:
-            self.cache = None
-            self.queries = np.empty(shape, np.float32)
-            self.targets = np.empty(shape, np.float32)
-            self._fill(self.queries, self.targets, progress)
+            self.storage = "in memory"
+            self.parts = [(np.empty(shape, np.float32), np.empty(shape, np.float32))]
+            self._fill(*self.parts[0], progress)
+        elif all(self._mappable(m) for m in members):
+            self.storage = "memory-mapped files"
+            self.parts = [tuple(self._map(path, m[key]) for key in ("samples_all", "points_all"))
+                          for path, m in zip(self.files, members)]
         else:
-            self.cache = Path(grid_path) / PRETRAIN_DIR / CACHE_DIR
-            self.queries, self.targets = self._memory_map(shape, nbytes, progress)
+            cache = Path(grid_path) / PRETRAIN_DIR / CACHE_DIR
+            self.storage = f"memory-mapped cache {cache}"
+            self.parts = [self._cache(cache, shape, nbytes, progress)]
+        self.starts = self.file_starts if len(self.parts) > 1 else np.zeros(1, np.int64)   # first patch per part
 
     @staticmethod
-    def _check(files: list[Path], point_num: int) -> tuple[list[int], int]:
-        """Validate every file from its headers; return patch counts and the copy count."""
-        counts, n_copies = [], None
-        for path in files:
-            heads = _npz_headers(path)
-            missing = [k for k in PRETRAIN_KEYS if k not in heads]
-            if missing:
-                raise DataError(f"{path}: missing key(s) {missing}; found {sorted(heads)}")
-            origins, samples, points = (heads[k][0] for k in ("origins_all", "samples_all", "points_all"))
-            s_dtype, p_dtype = heads["samples_all"][1], heads["points_all"][1]
-            if len(origins) != 3 or origins[2] != 3:
-                raise DataError(f"{path}: origins_all should be (G, K, 3), got {origins}")
-            if origins[1] != point_num:
-                raise DataError(f"{path}: the grid's patches hold {origins[1]} points but --point_num is "
-                                f"{point_num}; pass --point_num {origins[1]} or recut the pretraining data")
-            if (len(samples) != 3 or samples != points or samples[0] != origins[0] or samples[2] != 3
-                    or samples[1] % point_num or samples[1] == 0):
-                raise DataError(f"{path}: samples_all {samples} and points_all {points} should both be "
-                                f"(G, C*{point_num}, 3) with G = {origins[0]} patches")
-            if not (np.issubdtype(s_dtype, np.floating) and np.issubdtype(p_dtype, np.floating)):
-                raise DataError(f"{path}: samples_all/points_all must be floating point, got {s_dtype}/{p_dtype}")
-            copies = samples[1] // point_num
-            if n_copies not in (None, copies):
-                raise DataError(f"{path}: {copies} noise copies per patch, other files have {n_copies}")
-            n_copies = copies
-            counts.append(origins[0])
-        if sum(counts) == 0:
-            raise DataError(f"{files[0].parent.parent}: the pretraining files hold no patches")
-        return counts, n_copies
+    def _check(path: Path, point_num: int) -> dict[str, _Member]:
+        """Validate one file from its headers (keys, shapes, dtypes, patch size)."""
+        members = _npz_members(path)
+        missing = [k for k in PRETRAIN_KEYS if k not in members]
+        if missing:
+            raise DataError(f"{path}: missing key(s) {missing}; found {sorted(members)}")
+        origins, samples, points = (members[k].shape for k in ("origins_all", "samples_all", "points_all"))
+        if len(origins) != 3 or origins[2] != 3:
+            raise DataError(f"{path}: origins_all should be (G, K, 3), got {origins}")
+        if origins[1] != point_num:
+            raise DataError(f"{path}: the grid's patches hold {origins[1]} points but --point_num is "
+                            f"{point_num}; pass --point_num {origins[1]} or recut the pretraining data")
+        if (len(samples) != 3 or samples != points or samples[0] != origins[0] or samples[2] != 3
+                or samples[1] == 0 or samples[1] % point_num):
+            raise DataError(f"{path}: samples_all {samples} and points_all {points} should both be "
+                            f"(G, C*{point_num}, 3) with G = {origins[0]} patches")
+        dtypes = [members[k].dtype for k in ("samples_all", "points_all")]
+        if not all(np.issubdtype(d, np.floating) for d in dtypes):
+            raise DataError(f"{path}: samples_all/points_all must be floating point, got {dtypes}")
+        return members
+
+    @staticmethod
+    def _mappable(members: dict[str, _Member]) -> bool:
+        return all(m.stored and not m.fortran and m.dtype == np.float32
+                   for m in (members["samples_all"], members["points_all"]))
+
+    def _map(self, path: Path, member: _Member) -> np.ndarray:
+        g = member.shape[0]
+        if g == 0:
+            return np.empty((0, self.n_copies, self.point_num, 3), np.float32)
+        return np.memmap(path, np.float32, mode="r", offset=member.offset,
+                         shape=(g, self.n_copies, self.point_num, 3))
 
     def _fill(self, queries: np.ndarray, targets: np.ndarray, progress: bool) -> None:
-        start = 0
-        for path, count in zip(tqdm(self.files, desc="Loading pretraining data", disable=not progress),
-                               self.counts):
+        for path, start in zip(tqdm(self.files, desc="Loading pretraining data", disable=not progress),
+                               self.file_starts):
             data = load_npz(path, PRETRAIN_KEYS[:2])
+            count = data["samples_all"].shape[0]
             queries[start:start + count] = data["samples_all"].reshape(queries[start:start + count].shape)
             targets[start:start + count] = data["points_all"].reshape(targets[start:start + count].shape)
-            start += count
 
-    def _manifest(self, shape: tuple[int, ...]) -> dict:
-        root = self.cache.parent
-        return dict(shape=list(shape), dtype="float32",
-                    files=[[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
-                           for p in self.files])
-
-    def _memory_map(self, shape: tuple[int, ...], nbytes: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        manifest_path = self.cache / "manifest.json"
-        paths = (self.cache / "queries.npy", self.cache / "targets.npy")
-        manifest = self._manifest(shape)
+    def _cache(self, cache: Path, shape: tuple[int, ...], nbytes: int, progress: bool
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The one-time float32 conversion into ``cache`` (reused while its manifest matches)."""
+        manifest_path = cache / "manifest.json"
+        paths = (cache / "queries.npy", cache / "targets.npy")
+        manifest = dict(shape=list(shape), dtype="float32",
+                        files=[[p.relative_to(cache.parent).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                               for p in self.files])
         try:
             current = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
         except (OSError, ValueError):
             current = None
         if current != manifest or not all(p.is_file() for p in paths):
             try:
-                self.cache.mkdir(parents=True, exist_ok=True)
+                cache.mkdir(parents=True, exist_ok=True)
                 manifest_path.unlink(missing_ok=True)
-                if shutil.disk_usage(self.cache).free < nbytes:
-                    raise DataError(f"{self.cache}: {nbytes / 2**30:.1f} GiB needed for the float32 cache of "
-                                    f"the pretraining data, {shutil.disk_usage(self.cache).free / 2**30:.1f} "
-                                    f"GiB free")
+                free = shutil.disk_usage(cache).free
+                if free < nbytes:
+                    raise DataError(f"{cache}: {nbytes / 2**30:.1f} GiB needed for the float32 cache of the "
+                                    f"pretraining data, {free / 2**30:.1f} GiB free")
                 with ExitStack() as stack:
                     tmps = [stack.enter_context(atomic_path(p)) for p in paths]
-                    arrays = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float32, shape=shape)
-                              for t in tmps]
+                    arrays = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float32, shape=shape) for t in tmps]
                     self._fill(*arrays, progress)
                     for a in arrays:
                         a.flush()
                     del arrays
                 write_text(manifest_path, json.dumps(manifest) + "\n")
             except OSError as exc:
-                raise DataError(f"{self.cache}: cannot write the memory-mapped cache of the pretraining data "
+                raise DataError(f"{cache}: cannot write the memory-mapped cache of the pretraining data "
                                 f"({type(exc).__name__}: {exc})") from exc
         queries, targets = (np.load(p, mmap_mode="r") for p in paths)
         if queries.shape != shape or targets.shape != shape:
-            raise DataError(f"{self.cache}: cache arrays {queries.shape}/{targets.shape} do not match {shape}; "
+            raise DataError(f"{cache}: cache arrays {queries.shape}/{targets.shape} do not match {shape}; "
                             f"delete the folder")
         return queries, targets
 
     def __len__(self) -> int:
-        return self.queries.shape[0]
+        return self.size
 
     def batch(self, index: np.ndarray, copy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets and queries (B, point_num, 3) float32 of patches ``index``, noise copies ``copy``."""
-        return (torch.from_numpy(np.ascontiguousarray(self.targets[index, copy])),
-                torch.from_numpy(np.ascontiguousarray(self.queries[index, copy])))
+        targets = np.empty((len(index), self.point_num, 3), np.float32)
+        queries = np.empty_like(targets)
+        part = np.searchsorted(self.starts, index, side="right") - 1
+        for p in np.unique(part):                    # one gather per part (file) present in the batch
+            sel = part == p
+            local = index[sel] - self.starts[p]
+            queries[sel] = self.parts[p][0][local, copy[sel]]
+            targets[sel] = self.parts[p][1][local, copy[sel]]
+        return torch.from_numpy(targets), torch.from_numpy(queries)
 
 
 def epoch_batches(n_items: int, n_copies: int, batch_size: int, seed: int, epoch: int
@@ -329,11 +372,11 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
     run_dir = make_run_dir(cfg.ckpt_path, cfg.point_num)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     settings.update(ckpt_dir=str(run_dir), device=str(device), n_patches=len(data), n_copies=data.n_copies,
-                    first_epoch=start, data_cache=str(data.cache) if data.cache else "in memory")
+                    first_epoch=start, data_storage=data.storage)
     save_configuration(run_dir, settings)
 
     loss_fn: Callable = torch.compile(pcp_loss) if cfg.compile else pcp_loss
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp))
 
     def checkpoint(iteration: int, epochs_done: int) -> None:
         save_sdf_checkpoint(run_dir / f"ckpt_{iteration:06d}.pth", model, iteration,

@@ -127,6 +127,7 @@ def authors_predict(memory: DualMemory, sdf_model, rgb_extractor, inp: SampleInp
                 aligned = torch.clip(aligned, min=0, max=aligned.max())
                 fused = torch.maximum(aligned, torch.from_numpy(out["sdf_map"]))
                 out["aligned_map"], out["fused_map"] = aligned.numpy(), fused.numpy()
+                out["aligned_map_blur"] = blur_map(out["aligned_map"])
                 out["fused_map_blur"] = blur_map(out["fused_map"])
     return out
 

@@ -172,13 +172,14 @@ def benchmark(ctx: BenchContext) -> list[dict]:
     with Timer() as t_authors:
         authors = AuthorsPretrainData(files)
     n = len(data)
+    first_copies = data.batch(np.arange(n), np.zeros(n, np.int64))[1].numpy()
+    same = np.array_equal(first_copies, np.float32([s[:POINT_NUM] for s in authors.samples]))
     rows = [row("training", f"load pretraining data ({n} patches)", t_ours.seconds, t_authors.seconds, unit="s",
-                agree="same arrays" if np.array_equal(data.queries[:, 0].reshape(n, -1),
-                                                      np.float32([s[:POINT_NUM] for s in authors.samples]
-                                                                 ).reshape(n, -1)) else "ARRAYS DIFFER"),
-            row("training", "pretraining data held in RAM", data.queries.nbytes * 2 / 2**20,
+                agree="same arrays" if same else "ARRAYS DIFFER", note=data.storage),
+            row("training", "pretraining data held in RAM", sum(a.nbytes for a in data.parts[0]) / 2**20
+                if data.storage == "in memory" else 0.0,
                 sum(a.nbytes for a in authors.samples + authors.points) / 2**20, unit="MiB",
-                note="float32 (memory-mapped beyond 4 GiB) vs float64 lists")]
+                note="float32 in RAM up to 4 GiB, else memory-mapped; reference: float64 lists")]
     devices = [torch.device("cpu")] + ([ctx.device] if ctx.device.type == "cuda" else [])
     model = None
     for device in devices:
