@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="patches = round(points * group_mul / point_num); default 10 (5 with --pretrain)")
     p.add_argument("--point_num", type=int, default=POINT_NUM, help="points per patch")
     p.add_argument("--sample_num", type=int, default=SAMPLE_NUM, help="noisy query copies per pretraining patch")
+    p.add_argument("--pretrain_clouds", type=int, default=PRETRAIN_CLOUDS,
+                   help="training clouds per class chosen for --pretrain (the authors use 20)")
     p.add_argument("--classes", nargs="+", default=None, help="classes to cut (default: every class found)")
     p.add_argument("--seed", type=int, default=0, help="seed of the FPS starts, cloud choice and noise")
     p.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         report = cut_patches(a.datasets_path, a.save_grid_path, pretrain=a.pretrain, classes=a.classes,
-                             group_mul=a.group_mul, point_num=a.point_num, sample_num=a.sample_num, seed=a.seed,
+                             group_mul=a.group_mul, point_num=a.point_num, sample_num=a.sample_num,
+                             pretrain_clouds=a.pretrain_clouds, seed=a.seed,
                              workers=a.workers, overwrite=a.overwrite, validation=a.validation, device=a.device)
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

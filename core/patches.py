@@ -515,7 +515,8 @@ def run_jobs(jobs: list[PatchJob], options: CutOptions, workers: int = 1, overwr
 
 def cut_patches(datasets_path: str | os.PathLike, save_grid_path: str | os.PathLike, *, pretrain: bool = False,
                 classes: Optional[Iterable[str]] = None, group_mul: Optional[int] = None,
-                point_num: int = POINT_NUM, sample_num: int = SAMPLE_NUM, seed: int = 0, workers: int = 1,
+                point_num: int = POINT_NUM, sample_num: int = SAMPLE_NUM, pretrain_clouds: int = PRETRAIN_CLOUDS,
+                seed: int = 0, workers: int = 1,
                 overwrite: bool = False, validation: bool = False, device: str = "auto",
                 progress: bool = True) -> CutReport:
     """Cut a preprocessed data set into patch files (SPEC section 3); what ``cut_patches.py`` runs.
@@ -527,7 +528,7 @@ def cut_patches(datasets_path: str | os.PathLike, save_grid_path: str | os.PathL
     folder), otherwise they are reported with a warning.
     """
     smallest = SIGMA_NEIGHBOUR if pretrain else 1
-    if point_num < smallest or sample_num < 1 or workers < 0 or (group_mul is not None and group_mul < 1):
+    if point_num < smallest or sample_num < 1 or pretrain_clouds < 1 or workers < 0 or (group_mul is not None and group_mul < 1):
         raise ValueError(f"need point_num >= {smallest}, sample_num >= 1, group_mul >= 1 and workers >= 0; got "
                          f"point_num={point_num}, sample_num={sample_num}, group_mul={group_mul}, workers={workers}")
     if pretrain:
@@ -535,7 +536,7 @@ def cut_patches(datasets_path: str | os.PathLike, save_grid_path: str | os.PathL
             warnings.warn(f"--group_mul {group_mul} is ignored with --pretrain: pretraining patches always use "
                           f"group_mul {PRETRAIN_GROUP_MUL} (SPEC 3.5)", stacklevel=2)
         group_mul = PRETRAIN_GROUP_MUL
-        jobs = plan_pretrain_jobs(datasets_path, save_grid_path, classes, seed)
+        jobs = plan_pretrain_jobs(datasets_path, save_grid_path, classes, seed, clouds=pretrain_clouds)
         stale = _stale_pretrain_files(jobs)
         if stale and overwrite:
             for path in stale:

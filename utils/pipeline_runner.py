@@ -27,13 +27,16 @@ class DemoConfig:
     """Sizes and schedule of a synthetic end-to-end run."""
 
     classes: tuple[str, ...] = ("bagel", "cookie")
-    n_train: int = 20
-    n_val: int = 2
-    n_test_good: int = 6
-    n_test_defect: int = 2
+    n_train: int = 10
+    n_val: int = 1
+    n_test_good: int = 4
+    n_test_defect: int = 2          # per defect type (dent, bump, stain, crack)
+    defects: tuple[str, ...] = ()   # () = the generator's default set
     size: int = 400
+    pretrain_clouds: int = 3        # the authors use 20; a short CPU schedule uses fewer
     epochs: int = 1                 # authors' semantics: --epoch E runs E + 1 passes
-    batch_size: int = 32
+    batch_size: int = 16
+    learning_rate: float = 1e-3
     sample_num: int = 20
     rgb_backbone: str = "tf_efficientnet_lite0"
     workers: int = 2
@@ -91,17 +94,20 @@ def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
     t = {}
     t["generate"] = run_step("generate", [
         "tools/make_synthetic_dataset.py", raw, "--classes", *classes, "--n_train", cfg.n_train, "--n_val", cfg.n_val,
-        "--n_test_good", cfg.n_test_good, "--n_test_defect", cfg.n_test_defect, "--size", cfg.size, *seed], log, quiet)
+        "--n_test_good", cfg.n_test_good, "--n_test_defect", cfg.n_test_defect, "--size", cfg.size, *seed,
+        *(["--defects", *cfg.defects] if cfg.defects else [])], log, quiet)
     t["preprocess"] = run_step("preprocess", [
         "tools/preprocessing.py", raw, "--output_dir", pre, "--workers", cfg.workers, *seed], log, quiet)
     t["cut_patches"] = run_step("cut_patches", [
         "cut_patches.py", "--datasets_path", pre, "--save_grid_path", grids, "--workers", cfg.workers, *seed], log, quiet)
     t["cut_patches --pretrain"] = run_step("cut_patches --pretrain", [
         "cut_patches.py", "--datasets_path", pre, "--save_grid_path", grids, "--pretrain",
-        "--sample_num", cfg.sample_num, "--workers", cfg.workers, *seed], log, quiet)
+        "--sample_num", cfg.sample_num, "--pretrain_clouds", cfg.pretrain_clouds, "--workers", cfg.workers, *seed],
+        log, quiet)
     t["train_3Dmodel"] = run_step("train_3Dmodel", [
         "train_3Dmodel.py", "--grid_path", grids, "--ckpt_path", ckpts, "--epoch", cfg.epochs,
-        "--batch_size", cfg.batch_size, "--device", "cpu", *cfg.extra_train_args, *seed], log, quiet)
+        "--batch_size", cfg.batch_size, "--learning_rate", cfg.learning_rate, "--save_every", 1000, "--device", "cpu",
+        *cfg.extra_train_args, *seed], log, quiet)
     ckpt = newest("*/ckpt_*.pth", ckpts)
     main_args = ["main.py", "--datasets_path", pre, "--grid_path", grids, "--ckpt_path", ckpt,
                  "--output_dir", results, "--rgb_backbone", cfg.rgb_backbone, "--device", "cpu", *seed]
