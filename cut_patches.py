@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from core.patches import POINT_NUM, SAMPLE_NUM, cut_patches  # noqa: E402
+from core.patches import POINT_NUM, PRETRAIN_CLOUDS, SAMPLE_NUM, cut_patches  # noqa: E402
 from utils.io import DataError  # noqa: E402
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from core.alignment import AlignmentError
 from core.patches import POINT_NUM
-from core.pipeline import DeviceUnavailableError, RunConfig, run
+from core.pipeline import RunConfig, run
 from core.rgb_features import BACKBONES, WeightsUnavailableError
 from core.sdf_model import CheckpointError
+from utils.device import DeviceUnavailableError
 from utils.io import DataError
 
 

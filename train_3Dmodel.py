@@ -42,12 +42,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from core.sdf_model import CheckpointError
     from core.sdf_training import TrainConfig, train
+    from utils.device import DeviceUnavailableError
     from utils.io import DataError
 
     options = {k: v for k, v in vars(args).items() if k != "quiet"}
     try:
         run_dir = train(TrainConfig(**options), progress=not args.quiet)
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, DeviceUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"checkpoints written to {run_dir}")

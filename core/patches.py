@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from core.dataset import IMAGE_SIZE, list_samples, resolve_classes, to_unorganized, valid_mask
+from utils.device import resolve_device
 from utils.io import DataError, load_npz, read_xyz, save_npz
 
 POINT_NUM = 500
@@ -241,16 +242,6 @@ def knn_indices(points: torch.Tensor, centres: torch.Tensor, k: int, chunk: Opti
             idx[tied] = dist[tied].argsort(dim=1)[:, :take]
         out[s:s + chunk] = idx[:, :k]
     return out
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a CUDA device without CUDA is a ValueError."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use --device cpu or auto")
-    return device
 
 
 def group_patches(points: np.ndarray, pixel_idx: np.ndarray, count: int, start: int,

@@ -39,6 +39,7 @@ from core.dataset import IMAGE_SIZE, Sample, list_samples, load_gt_mask, resolve
 from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction, encode_sample, predict
 from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
 from core.patches import POINT_NUM
+from utils.device import resolve_device
 from utils.io import DataError, atomic_path, write_text
 from utils.metrics import evaluate_method
 from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
@@ -64,20 +65,6 @@ class RunConfig:
     rgb_weights: Optional[str] = None
     point_num: int = POINT_NUM
     keep_predictions: bool = False  # keep every test sample's full Prediction (tests, debugging)
-
-
-class DeviceUnavailableError(RuntimeError):
-    """``--device cuda`` without a usable CUDA device."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` fails clearly without a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError("--device cuda was requested but no CUDA device is available")
-    return device
 
 
 # ----------------------------------------------------------------------------- sample orders

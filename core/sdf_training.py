@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from core.sdf_model import SDFModel, model_from_checkpoint, read_checkpoint, save_sdf_checkpoint
+from utils.device import resolve_device
 from utils.io import DataError, atomic_path, load_npz, write_text
 
 PRETRAIN_DIR = "PRETRAIN_DATA"
@@ -293,16 +294,6 @@ class TrainConfig:
     point_num: int = 500
     amp: bool = False
     compile: bool = False
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return device
 
 
 def make_run_dir(ckpt_path: str | os.PathLike, point_num: int) -> Path:

@@ -65,3 +65,17 @@ def test_bad_input_exits_non_zero_naming_the_file(tmp_path, capsys):
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     rc = cut_patches.main(["--datasets_path", str(root), "--save_grid_path", str(tmp_path / "g"), "--classes", "tire"])
     assert rc == 2 and "tire" in capsys.readouterr().err
+
+
+def test_pretrain_clouds_flag_limits_the_cloud_choice(tmp_path):
+    from core.patches import plan_pretrain_jobs
+    from core.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "ds", classes=("bagel",), n_train=4, n_val=0, n_test_good=1, n_test_defect=0,
+                            size=100, seed=0, progress=False)
+    stems = [j for j in plan_pretrain_jobs(root, tmp_path / "g", ["bagel"], 0, clouds=2)]
+    assert len(stems) == 2
+    assert len(plan_pretrain_jobs(root, tmp_path / "g", ["bagel"], 0, clouds=20)) == 4   # all when fewer
+    args = cut_patches.parse_args(["--datasets_path", "d", "--save_grid_path", "g", "--pretrain_clouds", "3"])
+    assert args.pretrain_clouds == 3
+    assert cut_patches.parse_args(["--datasets_path", "d", "--save_grid_path", "g"]).pretrain_clouds == 20
