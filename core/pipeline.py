@@ -42,6 +42,7 @@ from core.patches import POINT_NUM
 from utils.device import resolve_device
 from utils.io import DataError, atomic_path, write_text
 from utils.metrics import evaluate_method
+from utils.metrics import per_defect_type
 from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
 
 CONFIG_NAME = "Congiguration"  # sic, the reference's file name (SPEC 9.1)
@@ -327,6 +328,10 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
     report = results_json({c: r.metrics for c, r in results.items()}, classes,
                           alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
                           thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
+    for c, r in results.items():
+        report["classes"][c]["per_defect_type"] = {
+            m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
+            for m in METHODS}
     report["timing_seconds"] = {c: r.times for c, r in results.items()}
     write_text(result_dir / "results.json", json.dumps(report, indent=2) + "\n")
     write_text(result_dir / "results.txt", tables)

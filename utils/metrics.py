@@ -190,3 +190,21 @@ def evaluate_method(
         "pixel_auroc": pixel_auroc(masks, maps),
         "au_pro": au_pro(masks, maps, limits),
     }
+
+
+def per_defect_type(defects: Sequence[str], labels: np.ndarray, image_scores: np.ndarray,
+                    masks: np.ndarray, maps: np.ndarray, good: str = "good") -> dict[str, dict]:
+    """Image and pixel AUROC of each defect type against the good samples alone.
+
+    ``defects[i]`` is the defect-type folder of test sample ``i``. For every type other than
+    ``good`` the metrics are computed on the good samples plus the samples of that type, which
+    shows which kind of anomaly a method detects (e.g. SDF: geometric, RGB: colour).
+    """
+    defects = np.asarray(defects)
+    out = {}
+    for kind in sorted(set(defects.tolist()) - {good}):
+        keep = (defects == good) | (defects == kind)
+        out[kind] = {"n": int((defects == kind).sum()),
+                     "image_auroc": image_auroc(np.asarray(labels)[keep], np.asarray(image_scores)[keep]),
+                     "pixel_auroc": pixel_auroc(masks[keep], maps[keep])}
+    return out

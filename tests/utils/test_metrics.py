@@ -221,3 +221,20 @@ def test_parity_metrics_reproduce_reference_results(parity_dir):
         plain = plain_au_pro(pred["gt"], pred[map_key], (0.3, 0.01))
         assert r["au_pro"][0.3] == pytest.approx(plain[0.3], abs=1e-12)
         assert r["au_pro"][0.01] == pytest.approx(plain[0.01], abs=1e-12)
+
+
+def test_per_defect_type_uses_good_plus_one_type():
+    from utils.metrics import per_defect_type
+
+    defects = ["good", "good", "dent", "dent", "stain"]
+    labels = np.array([0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.4, 0.5, 0.3, 0.05])   # dent: pairs (0.5>0.1,0.5>0.4,0.3>0.1,0.3<0.4) -> 3/4
+    masks = np.zeros((5, 2, 2), np.float32)
+    masks[2:, 0, 0] = 1
+    maps = np.zeros((5, 2, 2))
+    maps[2, 0, 0] = maps[3, 0, 0] = 1.0              # dent pixels perfectly ranked, stain pixel missed
+    out = per_defect_type(defects, labels, scores, masks, maps)
+    assert sorted(out) == ["dent", "stain"]
+    assert out["dent"]["n"] == 2 and out["dent"]["image_auroc"] == 0.75 and out["dent"]["pixel_auroc"] == 1.0
+    assert out["stain"]["image_auroc"] == 0.0
+    assert out["stain"]["pixel_auroc"] == 0.5    # its only defect pixel ties with the 11 zero background pixels
