@@ -13,16 +13,18 @@ over the ``n_nonzero`` greedy steps:
   active, when ``α_λ² < ε``, or, from the second atom on, when the new Cholesky pivot
   ``Gm_λλ − ‖L⁻¹ Gm_{S,λ}‖²`` is ``≤ ε`` (linearly dependent atom). ``ε`` is scikit-learn's
   ``np.finfo(Gram.dtype).eps`` with the Gram in the query's dtype: float32 machine epsilon
-  for float32 queries (the reference), float64's otherwise. Both tests use absolute
-  thresholds, so they depend on the scale of the features.
+  for float32 NumPy queries, float64's otherwise. The reference passes torch tensors,
+  which scikit-learn converts to float64, so its tolerance is float64's: the inference
+  code therefore calls :func:`omp` with float64 inputs (SPEC 8.1.3 says float32; the
+  parity fixture shows float64). Both tests use absolute thresholds, so they depend on
+  the scale of the features.
 * Otherwise ``λ`` joins the active set ``S``, ``Gm_SS γ = c_S`` is solved through the
   Cholesky factor, and ``α = c − Gm_{:,S} γ``.
 
-The arithmetic runs in float64 (the reference uses float32; results agree to float32
-rounding, SPEC 12.2), on whatever device the inputs live on. Where the reference's own
-float32 rounding makes a decision (``α_λ²`` within about 1% of ``ε``, or two ``|α|`` equal to
-~1e-6), the support can differ; with nearest-neighbour atoms of the parity fixture's RGB
-features this concerns about one row in 800, and scores elsewhere agree to 1e-5.
+The arithmetic runs in float64, on whatever device the inputs live on. Against float32
+scikit-learn the support can differ where its own float32 rounding makes the decision
+(``α_λ²`` within about 1% of ``ε``, or two ``|α|`` equal to ~1e-6): about one row in 800 with
+nearest-neighbour atoms of the parity fixture's RGB features; scores elsewhere agree to 1e-5.
 """
 from __future__ import annotations
 
