@@ -33,7 +33,7 @@ def test_tables_parse_and_metrics_in_range(e2e):
     text = e2e.results_txt
     for title in ("Image ROCAUC Results", "Pixel ROCAUC Results", "AU PRO Results"):
         assert title in text
-    rows = re.findall(r"^\| (RGB_SDF|RGB|SDF)(?:_[0-9.]+)?\s*\|\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|$", text, re.M)
+    rows = re.findall(r"^\| (RGB_SDF|RGB|SDF)(?:_[0-9.]+)?\s*\|\s*([0-9.]+)\s*\|\s*([0-9.]+)\s*\|\s*$", text, re.M)
     assert len(rows) == 3 + 3 + 21
     for _, cls_value, mean in rows:
         assert 0.0 <= float(cls_value) <= 1.0 and cls_value == mean   # one class: mean == class value
