@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from core.dataset import IMAGE_SIZE, Sample
-from core.footprint import N_CELLS, footprints
+from core.footprint import N_CELLS, footprints, union_cells
 from core.patches import POINT_NUM, load_grid, normalize_patches
 from core.rgb_features import load_rgb_input
 from utils.io import DataError
@@ -105,14 +105,7 @@ class DualMemory:
     def guided_rows(self, entries: torch.Tensor) -> torch.Tensor:
         """Shape-guided RGB rows (SPEC 8.2 step 3): sorted unique union of the footprints
         of the SDF memory rows in ``entries`` (any shape; duplicates allowed)."""
-        rows = torch.unique(entries.reshape(-1))
-        starts = self.fp_indptr[rows]
-        lens = self.fp_indptr[rows + 1] - starts
-        first = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens)
-        picked = self.fp_rows[first + torch.arange(first.numel(), device=first.device)]
-        mark = torch.zeros(self.rgb.shape[0], dtype=torch.bool, device=picked.device)
-        mark[picked] = True
-        return mark.nonzero().squeeze(1)
+        return union_cells(self.fp_indptr, self.fp_rows, torch.unique(entries.reshape(-1)))
 
 
 class MemoryBuilder:
