@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         result_dir, _ = run(cfg)
     except (DataError, CheckpointError, WeightsUnavailableError, AlignmentError, DeviceUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"results written to {result_dir}")
     return 0
 

@@ -71,7 +71,8 @@ def encode_sample(inp: SampleInput, sdf_model, rgb_extractor, device: torch.devi
         feats = encode_patches(sdf_model, points)
     with stage(times, "rgb_features", device):
         rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
-    indptr, cells = footprints(inp.pixels.to(device))
+    with stage(times, "rgb_knn_omp", device):   # the footprints serve the RGB branch's pool (SPEC 5.1)
+        indptr, cells = footprints(inp.pixels.to(device))
     inp = SampleInput(inp.sample, inp.rgb, points, inp.pixels.to(device))
     return EncodedSample(inp, feats, rgb, indptr, cells)
 
@@ -152,11 +153,7 @@ def sdf_score_map(sdf_model, latents: torch.Tensor, points: torch.Tensor, pixels
     patch points (G, K, 3), then :func:`scatter_min_map`.
     """
     chunk = chunk or DECODER_CHUNK.get(latents.device.type, DECODER_CHUNK["cpu"])
-    nif = sdf_model.NIF
-    codes = nif.latent_code(latents)
-    values = torch.cat([nif.forward_with_code(c, p).abs().squeeze(-1)
-                        for c, p in zip(codes.split(chunk), points.split(chunk))])
-    return scatter_min_map(values, pixels)
+    return scatter_min_map(sdf_model.NIF.abs_sdf(latents, points, chunk), pixels)
 
 
 def rgb_score_map(memory: DualMemory, enc: EncodedSample, sdf_neighbours: torch.Tensor,

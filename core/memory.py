@@ -32,10 +32,12 @@ from core.patches import POINT_NUM, load_grid, normalize_patches
 from core.rgb_features import load_rgb_input
 from utils.io import DataError
 
-# Patches per encoder call. The (B, 1024, 500) activation is 2 MB per patch: on CPU, batches
-# of up to 8 patches ran 2.4x faster than batches of 32-128 (0.7 s vs 1.7 s for 245 patches
-# on 2 cores, cache and allocator effects); on CUDA large batches fill the GPU.
-ENCODER_CHUNK = {"cpu": 8, "cuda": 512}
+# Patches per encoder call. The (B, 1024, 500) activation is 2 MB per patch. On CPU, 4 patches
+# (8 MB buffers) is fastest and steady: with 8, glibc serves the 16 MB buffers by mmap and
+# returns them after the RGB backbone's run, so every sample pays fresh page faults (1.2-1.3 s
+# vs 0.66 s per 287-patch sample on 2 cores, measured in memory building); 32-128 are slower
+# still (cache). On CUDA large batches fill the GPU.
+ENCODER_CHUNK = {"cpu": 4, "cuda": 512}
 
 
 class MissingGridError(DataError):

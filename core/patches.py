@@ -522,6 +522,7 @@ def cut_patches(datasets_path: str | os.PathLike, save_grid_path: str | os.PathL
     if point_num < smallest or sample_num < 1 or pretrain_clouds < 1 or workers < 0 or (group_mul is not None and group_mul < 1):
         raise ValueError(f"need point_num >= {smallest}, sample_num >= 1, group_mul >= 1 and workers >= 0; got "
                          f"point_num={point_num}, sample_num={sample_num}, group_mul={group_mul}, workers={workers}")
+    device = str(resolve_device(device))   # before touching any file
     if pretrain:
         if group_mul not in (None, PRETRAIN_GROUP_MUL):
             warnings.warn(f"--group_mul {group_mul} is ignored with --pretrain: pretraining patches always use "
@@ -539,5 +540,5 @@ def cut_patches(datasets_path: str | os.PathLike, save_grid_path: str | os.PathL
     else:
         group_mul = GROUP_MUL if group_mul is None else group_mul
         jobs = plan_grid_jobs(datasets_path, save_grid_path, classes, validation)
-    options = CutOptions(pretrain, group_mul, point_num, sample_num, seed, str(resolve_device(device)))
+    options = CutOptions(pretrain, group_mul, point_num, sample_num, seed, device)
     return run_jobs(jobs, options, workers, overwrite, progress)

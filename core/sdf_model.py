@@ -112,6 +112,29 @@ class LocalNIF(nn.Module):
             u = F.relu(layer(u))
         return self.fc5(u)
 
+    @torch.no_grad()
+    def abs_sdf(self, latents: torch.Tensor, points: torch.Tensor, chunk: int) -> torch.Tensor:
+        """|sdf| (G, P) of points (G, P, 3) under latents (G, 128), for inference.
+
+        Same arithmetic as :meth:`forward` (bit-identical on CPU), evaluated ``chunk`` patches
+        at a time with the weight-normalised weights computed once, ReLU applied in place, and each chunk written into one preallocated output.
+        """
+        split = self.fc2.out_features
+        codes = self.latent_code(latents)
+        w3 = self.fc3.weight[:, :split]
+        layers = [(layer.weight, layer.bias) for layer in self.hidden_layers]
+        n_patches, n_points, _ = points.shape
+        out = torch.empty(n_patches, n_points, dtype=codes.dtype, device=codes.device)
+        for start in range(0, n_patches, chunk):
+            pts, code = points[start:start + chunk], codes[start:start + chunk]
+            rows = pts.shape[0] * n_points
+            h = F.relu(self.fc2(pts)).view(rows, split)
+            u = F.linear(h, w3).view(pts.shape[0], n_points, -1).add_(code.unsqueeze(1)).relu_().view(rows, -1)
+            for weight, bias in layers:
+                u = F.linear(u, weight, bias).relu_()
+            torch.abs(self.fc5(u).view(pts.shape[0], n_points), out=out[start:start + chunk])
+        return out
+
     def forward(self, latent: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """sdf (B, P, 1) of points (B, P, 3) under per-patch latents (B, 128)."""
         return self.forward_with_code(self.latent_code(latent), points)

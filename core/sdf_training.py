@@ -16,7 +16,8 @@ queries and their nearest-surface targets, held as float32 ``(G, C, point_num, 3
 Randomness (SPEC 4.3, KEEP 11.15; FIX 11.9: seeded): epoch ``e`` draws its shuffle and its
 one noise copy per patch from ``numpy.random.default_rng([seed, e])``, and the model's
 initialisation from ``torch.manual_seed(seed)``. Nothing else is random, so a run resumed
-from a checkpoint written after epoch ``e`` continues exactly as the uninterrupted run.
+from a checkpoint written after epoch ``e`` continues exactly as the uninterrupted run on
+CPU (on CUDA, cuDNN may choose non-deterministic convolution kernels: close, not bit-equal).
 Only full batches are used (incomplete last batch dropped).
 
 Epochs (KEEP the authors' meaning): ``epoch=E`` runs the epochs ``0 ... E`` (``E + 1``
@@ -318,6 +319,17 @@ def save_configuration(run_dir: Path, values: dict) -> None:
         tmp.write_bytes(pickle.dumps(values))
 
 
+def _to_cpu(state):
+    """A copy of a (nested) state dict with every tensor on the CPU, so that checkpoints load anywhere."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
+
+
 def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer) -> int:
     """Load ``cfg.resume`` into model and optimiser; return the first epoch still to run."""
     ckpt = read_checkpoint(cfg.resume, "cpu")
@@ -371,7 +383,7 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
 
     def checkpoint(iteration: int, epochs_done: int) -> None:
         save_sdf_checkpoint(run_dir / f"ckpt_{iteration:06d}.pth", model, iteration,
-                            optimizer=optimizer.state_dict(), epochs_done=epochs_done)
+                            optimizer=_to_cpu(optimizer.state_dict()), epochs_done=epochs_done)
 
     with open(run_dir / LOG_NAME, "a", buffering=1) as log:
         for epoch in tqdm(range(start, cfg.epoch + 1), desc="Pre-training", disable=not progress):

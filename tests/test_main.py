@@ -140,7 +140,7 @@ def test_missing_grid_file(parity_dir, tmp_path, capsys):
     argv = _argv(parity_dir, tmp_path / "out")
     argv[argv.index("--grid_path") + 1] = str(grids)
     rc, err = _run_cli(capsys, argv)
-    assert rc == 1 and str(grids / CLS / "train" / "good" / "npz" / "006.npz") in err and "cut_patches.py" in err
+    assert rc == 2 and str(grids / CLS / "train" / "good" / "npz" / "006.npz") in err and "cut_patches.py" in err
     assert not list((tmp_path / "out").glob("*/results.txt"))
 
 
@@ -150,7 +150,7 @@ def test_bad_checkpoint(parity_dir, tmp_path, capsys):
     argv = _argv(parity_dir, tmp_path / "out")
     argv[argv.index("--ckpt_path") + 1] = str(ckpt)
     rc, err = _run_cli(capsys, argv)
-    assert rc == 1 and str(ckpt) in err and "checkpoint" in err
+    assert rc == 2 and str(ckpt) in err and "checkpoint" in err
 
 
 def test_weights_unavailable(parity_dir, tmp_path, capsys, monkeypatch):
@@ -160,12 +160,12 @@ def test_weights_unavailable(parity_dir, tmp_path, capsys, monkeypatch):
     argv = _argv(parity_dir, tmp_path / "out")
     del argv[argv.index("--rgb_weights"):argv.index("--rgb_weights") + 2]
     rc, err = _run_cli(capsys, argv)
-    assert rc == 1 and "--rgb_weights" in err
+    assert rc == 2 and "--rgb_weights" in err
 
 
 def test_unknown_class_and_usage(parity_dir, tmp_path, capsys):
     rc, err = _run_cli(capsys, _argv(parity_dir, tmp_path / "out", "--classes", "bagel"))
-    assert rc == 1 and "bagel" in err and "torus" in err
+    assert rc == 2 and "bagel" in err and "torus" in err
     with pytest.raises(SystemExit) as exc:
         main_cli.main(["--grid_path", "g"])
     assert exc.value.code == 2

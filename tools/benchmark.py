@@ -23,6 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGES = ("preprocessing", "patches", "training", "inference")
+# Paths in BenchContext that a stage fills in, and those a stage needs from an earlier one.
+PRODUCES = {"preprocessing": ("preprocessed",), "patches": ("grids", "pretrain_grids"), "training": ("ckpt",)}
+NEEDS = {"training": ("pretrain_grids",), "inference": ("grids", "ckpt")}
+STATE_FILE = "stages_done.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,29 +85,76 @@ def markdown_table(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _same_data(args) -> dict:
+    return dict(size=args.size, classes=list(args.classes), n_train=args.n_train, n_test_good=args.n_test_good,
+                n_test_defect=args.n_test_defect, seed=args.seed, quick=args.quick)
+
+
+def load_state(ctx, args) -> None:
+    """Reuse the outputs of stages finished by an earlier run with the same ``--out`` and data settings,
+    so that e.g. ``--stages inference`` can be rerun alone. Only stages recorded as finished count."""
+    path = ctx.work / STATE_FILE
+    if not path.is_file():
+        return
+    state = json.loads(path.read_text())
+    if state.get("data") != _same_data(args):
+        return
+    for name, value in state.get("paths", {}).items():
+        if value and getattr(ctx, name) is None and Path(value).exists():
+            setattr(ctx, name, Path(value))
+
+
+def save_state(ctx, args, stage: str) -> None:
+    """Record the paths ``stage`` produced, after it finished (atomic write)."""
+    from utils.io import write_text
+
+    path = ctx.work / STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    if state.get("data") != _same_data(args):
+        state = dict(data=_same_data(args), paths={})
+    for name in PRODUCES.get(stage, ()):
+        value = getattr(ctx, name)
+        state["paths"][name] = str(value) if value is not None else None
+    write_text(path, json.dumps(state, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
     from core.synthetic import generate_dataset
     from utils.bench import BenchContext, Timer, peak_rss_mib
+    from utils.device import DeviceUnavailableError, resolve_device
     from utils.io import write_text
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    try:
+        device = resolve_device(args.device)
+    except DeviceUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.quick:
         args.size, args.n_train, args.n_test_good, args.n_test_defect = 400, 3, 1, 1
     out = args.out.resolve()
     raw = out / "data" / f"raw_{args.size}"
+    ctx = BenchContext(raw=raw, work=out / "work", classes=args.classes, device=device, workers=args.workers,
+                       subset=args.subset, seed=args.seed, quick=args.quick)
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    load_state(ctx, args)
+    missing = []
+    for stage in args.stages:
+        missing += [f"{stage} needs {name} ({next(s for s, p in PRODUCES.items() if name in p)} stage)"
+                    for name in NEEDS.get(stage, ()) if getattr(ctx, name) is None
+                    and not any(name in PRODUCES.get(s, ()) for s in args.stages[:args.stages.index(stage)])]
+    if missing:
+        print(f"error: {'; '.join(missing)}: add those stages to --stages, or run them once with the same --out, "
+              "--size, --classes and sample counts", file=sys.stderr)
+        return 2
     if not (raw / ".complete").exists():
         with Timer() as t:
             generate_dataset(raw, classes=args.classes, n_train=args.n_train, n_val=0,
                              n_test_good=args.n_test_good, n_test_defect=args.n_test_defect,
                              size=args.size, seed=args.seed)
         write_text(raw / ".complete", f"generated in {t.seconds:.1f} s\n")
-    ctx = BenchContext(raw=raw, work=out / "work", classes=args.classes, device=device, workers=args.workers,
-                       subset=args.subset, seed=args.seed, quick=args.quick)
-    ctx.work.mkdir(parents=True, exist_ok=True)
     info = machine_info(device)
     rows, memory = [], {}
     for stage in args.stages:
@@ -114,6 +165,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         stage_rows = module.benchmark(ctx)
         rows.extend(stage_rows)
+        save_state(ctx, args, stage)
         memory[stage] = dict(peak_rss_mib=round(peak_rss_mib(), 1), wall_s=round(time.perf_counter() - start, 1))
         if device.type == "cuda":
             memory[stage]["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -12,8 +12,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; a CUDA device without CUDA is a clear error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError(f"--device {device} was requested but no CUDA device is available; "
-                                     "use --device cpu or auto")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceUnavailableError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N"
+                                     ) from exc
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceUnavailableError(f"--device {device} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"--device {device} was requested but no CUDA device is available; "
+                                         "use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                                         "CUDA device(s), numbered from 0")
     return device

@@ -100,6 +100,25 @@ def test_parity_checkpoint_matches_hand_built_model(parity_ckpt):
     assert torch.equal(sdf, sdf_code)
 
 
+def test_inference_decoder_equals_forward(parity_ckpt):
+    """``abs_sdf`` (the chunked, in-place inference loop) is |forward| exactly, for any chunk."""
+    model, _ = load_sdf_checkpoint(parity_ckpt)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.rand(7, 128, generator=gen)
+    points = torch.rand(7, 500, 3, generator=gen) - 0.5
+    with torch.no_grad():
+        ref = torch.cat([model.NIF(latents[g:g + 1], points[g:g + 1]) for g in range(7)]).abs().squeeze(-1)
+        for chunk in (1, 3, 8):
+            out = model.NIF.abs_sdf(latents, points, chunk)
+            codes = model.NIF.latent_code(latents)
+            same_batches = torch.cat([model.NIF.forward_with_code(codes[s:s + chunk], points[s:s + chunk])
+                                      for s in range(0, 7, chunk)]).abs().squeeze(-1)
+            assert out.shape == (7, 500)
+            assert torch.equal(out, same_batches)            # same GEMM shapes: bit-identical
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)   # other batching: rounding
+    assert ref.std() > 1e-3
+
+
 def test_parity_encoder_features_of_reference_run(parity_ckpt, parity_dir):
     """Our encoder on the first test sample's normalised patches = the reference's ``sdf_features``."""
     inter = np.load(parity_dir / "expected" / "torus" / "intermediates.npz")

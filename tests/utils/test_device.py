@@ -1,0 +1,31 @@
+"""utils.device.resolve_device: every bad --device value is a DeviceUnavailableError with a fix."""
+import pytest
+import torch
+
+import cut_patches
+from utils.device import DeviceUnavailableError, resolve_device
+
+
+def test_auto_and_cpu():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("name, message", [("gpu", "not a device name"), ("meta", "not supported"),
+                                           ("cuda:99", "cuda")])
+def test_bad_names_are_clear_errors(name, message):
+    with pytest.raises(DeviceUnavailableError, match=message):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_without_gpu_says_what_to_use():
+    with pytest.raises(DeviceUnavailableError, match="--device cpu or auto"):
+        resolve_device("cuda")
+
+
+def test_cut_patches_bad_device_exits_2(tmp_path, capsys):
+    rc = cut_patches.main(["--datasets_path", str(tmp_path), "--save_grid_path", str(tmp_path / "g"),
+                           "--device", "gpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gpu" in err and "Traceback" not in err
