@@ -8,17 +8,20 @@ row), clipped to ``[0, 783]``; ``F`` itself is not included unless a shift reach
 
 :func:`footprints` computes that set for every patch at once and stores the result in CSR
 form (``indptr``, ``cells``): patch ``g`` owns ``cells[indptr[g]:indptr[g+1]]``, sorted.
-Every function accepts NumPy arrays or torch tensors (any device) and returns the same type.
+Every public function accepts NumPy arrays or torch tensors (any device) and returns the same
+type; NumPy input is computed through torch on the CPU.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from core.dataset import IMAGE_SIZE
+
 __all__ = ["GRID", "CELL", "FEATURE_SIDE", "N_CELLS", "SHIFTS",
            "cells_of_pixels", "patch_footprint", "footprints", "union_cells"]
 
-GRID = 224                      # side of the pixel grid
+GRID = IMAGE_SIZE               # side of the pixel grid (224)
 CELL = 8                        # pixels per feature cell along each axis
 FEATURE_SIDE = GRID // CELL     # 28
 N_CELLS = FEATURE_SIDE ** 2     # 784
@@ -32,7 +35,7 @@ def cells_of_pixels(pix):
 
 def _shifted(onehot):
     """Rows of a (G, 784) boolean cell indicator -> indicator of the shifted, clipped sets."""
-    out = torch.zeros_like(onehot) if isinstance(onehot, torch.Tensor) else np.zeros_like(onehot)
+    out = torch.zeros_like(onehot)
     for s in SHIFTS:
         if s > 0:
             out[:, s:] |= onehot[:, :-s]   # cell q reached from q - s
@@ -46,33 +49,26 @@ def footprints(points_idx):
 
     ``points_idx`` is (G, P) (or (P,) for one patch) of flat pixel indices in the 224x224 grid.
     """
-    is_torch = isinstance(points_idx, torch.Tensor)
-    idx = points_idx if is_torch else np.asarray(points_idx)
+    if not isinstance(points_idx, torch.Tensor):
+        return tuple(t.numpy() for t in footprints(torch.as_tensor(np.ascontiguousarray(points_idx))))
+    idx = points_idx
     if idx.ndim == 1:
         idx = idx[None]
     if idx.ndim != 2:
         raise ValueError(f"expected pixel indices of shape (G, P), got {tuple(idx.shape)}")
-    if idx.numel() if is_torch else idx.size:
+    if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= GRID * GRID:
             raise ValueError(f"pixel indices must lie in [0, {GRID * GRID - 1}], got range [{lo}, {hi}]")
     G = idx.shape[0]
-    if is_torch:
-        idx = idx.long()
-        onehot = torch.zeros(G, N_CELLS, dtype=torch.bool, device=idx.device)
-        onehot.scatter_(1, cells_of_pixels(idx), True)
-        rows, cells = _shifted(onehot).nonzero(as_tuple=True)
-        counts = torch.bincount(rows, minlength=G)
-        indptr = torch.zeros(G + 1, dtype=torch.long, device=idx.device)
-        torch.cumsum(counts, 0, out=indptr[1:])
-        return indptr, cells
-    idx = idx.astype(np.int64, copy=False)
-    onehot = np.zeros((G, N_CELLS), dtype=bool)
-    onehot[np.arange(G)[:, None], cells_of_pixels(idx)] = True
-    rows, cells = np.nonzero(_shifted(onehot))
-    indptr = np.zeros(G + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=G), out=indptr[1:])
-    return indptr, cells.astype(np.int64, copy=False)
+    idx = idx.long()
+    onehot = torch.zeros(G, N_CELLS, dtype=torch.bool, device=idx.device)
+    onehot.scatter_(1, cells_of_pixels(idx), True)
+    rows, cells = _shifted(onehot).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=G)
+    indptr = torch.zeros(G + 1, dtype=torch.long, device=idx.device)
+    torch.cumsum(counts, 0, out=indptr[1:])
+    return indptr, cells
 
 
 def patch_footprint(pix):
@@ -86,17 +82,13 @@ def union_cells(indptr, cells, rows):
 
     Works for any CSR cell table, e.g. one whose cells are offset into a global memory.
     """
-    if isinstance(cells, torch.Tensor):
-        rows = torch.as_tensor(rows, dtype=torch.long, device=cells.device).reshape(-1)
-        starts, ends = indptr[rows], indptr[rows + 1]
-        lens = ends - starts
-        # entry positions: start of each selected segment plus the offset inside it
-        seg_start = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens)
-        pos = seg_start + torch.arange(int(lens.sum()), device=cells.device)
-        return torch.unique(cells[pos], sorted=True)
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    indptr = np.asarray(indptr)
+    if not isinstance(cells, torch.Tensor):
+        return union_cells(torch.as_tensor(np.asarray(indptr)), torch.as_tensor(np.asarray(cells)),
+                           np.asarray(rows, dtype=np.int64)).numpy()
+    rows = torch.as_tensor(rows, dtype=torch.long, device=cells.device).reshape(-1)
     starts, ends = indptr[rows], indptr[rows + 1]
     lens = ends - starts
-    pos = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-    return np.unique(np.asarray(cells)[pos])
+    # entry positions: start of each selected segment plus the offset inside it
+    seg_start = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens)
+    pos = seg_start + torch.arange(int(lens.sum()), device=cells.device)
+    return torch.unique(cells[pos], sorted=True)

@@ -21,7 +21,6 @@ returns them sorted ascending.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +33,7 @@ from core.footprint import FEATURE_SIDE, N_CELLS, footprints
 from core.memory import DualMemory, EncodedSample, SampleInput, encode_patches
 from core.sparse_coding import omp
 from utils.blur import blur_map
+from utils.device import Timer
 
 K_SDF = 10        # SDF neighbours per patch (SPEC 8.1, hard-coded in the reference, KEEP #22)
 K_RGB = 5         # RGB neighbours per foreground cell (SPEC 8.2)
@@ -52,14 +52,9 @@ def stage(times: Optional[dict], name: str, device: torch.device):
     if times is None:
         yield
         return
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    yield
-    if cuda:
-        torch.cuda.synchronize()
-    times[name] = times.get(name, 0.0) + time.perf_counter() - start
+    with Timer(device) as timer:
+        yield
+    times[name] = times.get(name, 0.0) + timer.seconds
 
 
 @torch.no_grad()
@@ -71,9 +66,10 @@ def encode_sample(inp: SampleInput, sdf_model, rgb_extractor, device: torch.devi
         feats = encode_patches(sdf_model, points)
     with stage(times, "rgb_features", device):
         rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
+    pixels = inp.pixels.to(device)
     with stage(times, "rgb_knn_omp", device):   # the footprints serve the RGB branch's pool (SPEC 5.1)
-        indptr, cells = footprints(inp.pixels.to(device))
-    inp = SampleInput(inp.sample, inp.rgb, points, inp.pixels.to(device))
+        indptr, cells = footprints(pixels)
+    inp = SampleInput(inp.sample, inp.rgb, points, pixels)
     return EncodedSample(inp, feats, rgb, indptr, cells)
 
 

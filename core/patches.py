@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from core.dataset import IMAGE_SIZE, list_samples, resolve_classes, to_unorganized, valid_mask
+from core.preprocessing import BORDER
 from utils.device import resolve_device
 from utils.io import DataError, load_npz, read_xyz, save_npz
 
@@ -95,7 +96,6 @@ NEAR_SHARE = 0.625            # ceil(20 * 0.625) = 13 copies at 0.5 sigma, the r
 SIGMA_NEIGHBOUR = 51          # sigma = distance to the 51st nearest patch point, the point itself included
 PRETRAIN_DIR = "PRETRAIN_DATA"
 PRETRAIN_KEYS = ("samples_all", "points_all", "origins_all")
-BORDER = 10                   # border strip width of the preprocessing plane fit (SPEC 2.1)
 MAX_VALID_SHARE = 0.6         # above this share of valid pixels a cloud still holds its background plane
 MAX_BORDER_SHARE = 0.25       # ... or above this share of valid pixels in the border strips
 KNN_CHUNK = 64                # centres per kNN distance block on CPU (64 x N float32)
@@ -395,17 +395,14 @@ def plan_grid_jobs(datasets_path: str | os.PathLike, save_grid_path: str | os.Pa
     ``validation`` is False (they are then not cut)."""
     jobs, draw = [], 0
     for cls in resolve_classes(datasets_path, classes):
-        for split in ("train", "test"):
+        val_count = _xyz_count(Path(datasets_path, cls, "validation"))
+        cut_val = validation and val_count > 0
+        for split in ("train", "test", "validation") if cut_val else ("train", "test"):
             for sample in sorted(list_samples(datasets_path, cls, split), key=lambda s: str(s.xyz)):
                 jobs.append(PatchJob(sample.xyz, sample.grid_file(save_grid_path), draw))
                 draw += 1
-        val_folder = Path(datasets_path, cls, "validation")
-        if validation and _xyz_count(val_folder):
-            for sample in sorted(list_samples(datasets_path, cls, "validation"), key=lambda s: str(s.xyz)):
-                jobs.append(PatchJob(sample.xyz, sample.grid_file(save_grid_path), draw))
-                draw += 1
-        else:
-            draw += _xyz_count(val_folder)
+        if not cut_val:
+            draw += val_count
     return jobs
 
 

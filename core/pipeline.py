@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
-import pickle
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,12 +39,11 @@ from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction, encode_sample, p
 from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
 from core.patches import POINT_NUM
 from utils.device import resolve_device
-from utils.io import DataError, atomic_path, write_text
+from utils.io import DataError, atomic_path, save_configuration, write_text
 from utils.metrics import evaluate_method
 from utils.metrics import per_defect_type
 from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
 
-CONFIG_NAME = "Congiguration"  # sic, the reference's file name (SPEC 9.1)
 PREFETCH = 2  # samples read ahead of the computation
 
 
@@ -150,11 +148,6 @@ def write_tiff_map(path: Path, m: np.ndarray) -> None:
 
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, np.ascontiguousarray(m, dtype=np.float32))
-
-
-def configuration_text(config: dict) -> str:
-    """``Congiguration.txt``: one ``%30s: %s`` line per attribute, sorted by name (SPEC 9.1)."""
-    return "".join("%30s: %s\n" % (key, config[key]) for key in sorted(config))
 
 
 # ----------------------------------------------------------------------------- results
@@ -301,9 +294,7 @@ def write_configuration(cfg: RunConfig, classes: list[str], result_dir: Path, ex
         "device": str(extra.get("device")), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
         "rgb_weights": extra.get("rgb_weights"), "sdf_checkpoint_iteration": extra.get("iteration"),
     }
-    write_text(result_dir / f"{CONFIG_NAME}.txt", configuration_text(config))
-    with atomic_path(result_dir / f"{CONFIG_NAME}.pickle") as tmp:
-        tmp.write_bytes(pickle.dumps(config, protocol=2))
+    save_configuration(result_dir, config, pickle_protocol=2)
     write_text(result_dir / "configuration.json", json.dumps(config, indent=2) + "\n")
 
 

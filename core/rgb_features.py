@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.footprint import FEATURE_SIDE
 from utils.io import DataError, read_rgb
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURE_SIDE = 28
 OUT_INDICES = (1, 2)  # stride-4 and stride-8 feature maps (layer1 and layer2 of a ResNet)
 
 WRN_HUB_ID = "timm/wide_resnet50_2.racm_in1k"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -104,35 +105,34 @@ class LocalNIF(nn.Module):
         f = F.relu(self.fc1(latent))
         return F.linear(f, self.fc3.weight[:, self.fc2.out_features:], self.fc3.bias)
 
-    def forward_with_code(self, code: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """Decode points (B, P, 3) given ``code = latent_code(z)`` (B, 512) -> sdf (B, P, 1)."""
+    def forward_with_code(self, code: torch.Tensor, points: torch.Tensor,
+                          layers: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+        """Decode points (B, P, 3) given ``code = latent_code(z)`` (B, 512) -> sdf (B, P, 1).
+
+        ``layers``: the hidden layers' ``(weight, bias)``, computed by the caller once for many
+        calls (the weight-normalised weights are otherwise recomputed on every call).
+        """
+        if layers is None:
+            layers = [(layer.weight, layer.bias) for layer in self.hidden_layers]
         h = F.relu(self.fc2(points))
-        u = F.relu(F.linear(h, self.fc3.weight[:, : self.fc2.out_features]) + code.unsqueeze(1))
-        for layer in self.hidden_layers:
-            u = F.relu(layer(u))
+        u = F.linear(h, self.fc3.weight[:, : self.fc2.out_features]).add_(code.unsqueeze(1)).relu_()
+        for weight, bias in layers:
+            u = F.linear(u, weight, bias).relu_()
         return self.fc5(u)
 
     @torch.no_grad()
     def abs_sdf(self, latents: torch.Tensor, points: torch.Tensor, chunk: int) -> torch.Tensor:
         """|sdf| (G, P) of points (G, P, 3) under latents (G, 128), for inference.
 
-        Same arithmetic as :meth:`forward` (bit-identical on CPU), evaluated ``chunk`` patches
-        at a time with the weight-normalised weights computed once, ReLU applied in place, and each chunk written into one preallocated output.
+        :meth:`forward_with_code` on ``chunk`` patches at a time, with the weight-normalised
+        weights computed once and each chunk written into one preallocated output.
         """
-        split = self.fc2.out_features
         codes = self.latent_code(latents)
-        w3 = self.fc3.weight[:, :split]
         layers = [(layer.weight, layer.bias) for layer in self.hidden_layers]
-        n_patches, n_points, _ = points.shape
-        out = torch.empty(n_patches, n_points, dtype=codes.dtype, device=codes.device)
-        for start in range(0, n_patches, chunk):
-            pts, code = points[start:start + chunk], codes[start:start + chunk]
-            rows = pts.shape[0] * n_points
-            h = F.relu(self.fc2(pts)).view(rows, split)
-            u = F.linear(h, w3).view(pts.shape[0], n_points, -1).add_(code.unsqueeze(1)).relu_().view(rows, -1)
-            for weight, bias in layers:
-                u = F.linear(u, weight, bias).relu_()
-            torch.abs(self.fc5(u).view(pts.shape[0], n_points), out=out[start:start + chunk])
+        out = torch.empty(points.shape[:2], dtype=codes.dtype, device=codes.device)
+        for start in range(0, points.shape[0], chunk):
+            sdf = self.forward_with_code(codes[start:start + chunk], points[start:start + chunk], layers)
+            torch.abs(sdf.squeeze(-1), out=out[start:start + chunk])
         return out
 
     def forward(self, latent: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -262,10 +262,24 @@ def load_sdf_checkpoint(path: str | os.PathLike, map_location: str | torch.devic
     return model.to(map_location).eval(), iteration
 
 
+def _to_cpu(state):
+    """A copy of nested dicts / lists / tuples with every tensor detached and on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
+
+
 def save_sdf_checkpoint(path: str | os.PathLike, model: SDFModel, iteration: int, **extra) -> None:
-    """Atomically write ``{'sdf_model': state_dict, 'current_iteration': iteration, **extra}``."""
+    """Atomically write ``{'sdf_model': state_dict, 'current_iteration': iteration, **extra}``.
+
+    Every tensor, in ``extra`` too (e.g. the optimiser state), is stored on the CPU, so the
+    file loads on any machine without ``map_location``.
+    """
     from utils.io import atomic_path
 
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({"sdf_model": state, "current_iteration": int(iteration), **extra}, tmp)
+        torch.save(_to_cpu({"sdf_model": model.state_dict(), "current_iteration": int(iteration), **extra}), tmp)

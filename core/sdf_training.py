@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import pickle
 import shutil
 import struct
 import zipfile
@@ -48,7 +47,7 @@ from tqdm import tqdm
 
 from core.sdf_model import SDFModel, model_from_checkpoint, read_checkpoint, save_sdf_checkpoint
 from utils.device import resolve_device
-from utils.io import DataError, atomic_path, load_npz, write_text
+from utils.io import DataError, atomic_path, load_npz, save_configuration, write_text
 
 PRETRAIN_DIR = "PRETRAIN_DATA"
 PRETRAIN_KEYS = ("samples_all", "points_all", "origins_all")
@@ -56,7 +55,6 @@ CACHE_DIR = ".cache"
 IN_MEMORY_LIMIT = 4 * 2**30
 NORMAL_EPS = 1e-12          # pytorch_safe_norm's epsilon (SPEC 4.2 step 4)
 LOG_NAME = "train_states.txt"
-CONFIG_NAME = "Congiguration"  # (sic) as the authors name it
 
 
 # ----------------------------------------------------------------------------- data
@@ -311,25 +309,6 @@ def make_run_dir(ckpt_path: str | os.PathLike, point_num: int) -> Path:
     raise DataError(f"{ckpt_path}: cannot create a new run folder")
 
 
-def save_configuration(run_dir: Path, values: dict) -> None:
-    """``Congiguration.txt`` (the authors' ``%30s: %s`` lines, sorted) and ``.pickle`` (a dict)."""
-    text = "".join("%30s: %s\n" % (k, values[k]) for k in sorted(values))
-    write_text(run_dir / f"{CONFIG_NAME}.txt", text)
-    with atomic_path(run_dir / f"{CONFIG_NAME}.pickle") as tmp:
-        tmp.write_bytes(pickle.dumps(values))
-
-
-def _to_cpu(state):
-    """A copy of a (nested) state dict with every tensor on the CPU, so that checkpoints load anywhere."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(v) for v in state)
-    return state
-
-
 def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer) -> int:
     """Load ``cfg.resume`` into model and optimiser; return the first epoch still to run."""
     ckpt = read_checkpoint(cfg.resume, "cpu")
@@ -383,7 +362,7 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
 
     def checkpoint(iteration: int, epochs_done: int) -> None:
         save_sdf_checkpoint(run_dir / f"ckpt_{iteration:06d}.pth", model, iteration,
-                            optimizer=_to_cpu(optimizer.state_dict()), epochs_done=epochs_done)
+                            optimizer=optimizer.state_dict(), epochs_done=epochs_done)
 
     with open(run_dir / LOG_NAME, "a", buffering=1) as log:
         for epoch in tqdm(range(start, cfg.epoch + 1), desc="Pre-training", disable=not progress):

@@ -274,6 +274,11 @@ class _Defect:
     alpha: np.ndarray       # albedo blend weight, 0 outside the defect
     colour: np.ndarray      # (3,) colour blended in with ``alpha``
 
+    @property
+    def mask(self) -> np.ndarray:
+        """The defect's pixels (the ground-truth mask): changed height or blended colour."""
+        return (self.dh != 0) | (self.alpha > 0)
+
 
 def _contrast_colour(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
     """The palette colour farthest from ``base``, jittered a little."""
@@ -360,7 +365,7 @@ def _place_defect(rng: np.random.Generator, name: str, height: np.ndarray, pitch
                     max(c - reach, 0):min(c + reach + 1, height.shape[1])]
         rows, cols = np.ogrid[win]
         d = _draw_defect(rng, name, 1.0 - 0.1 * (attempt // 10), (cols - c) * pitch, (rows - r) * pitch, base)
-        mask = (d.dh != 0) | (d.alpha > 0)
+        mask = d.mask
         if mask.any() and allowed[win][mask].all() and (height[win] + d.dh)[mask].min() >= MIN_DEFECT_HEIGHT:
             full = _Defect(np.zeros(height.shape), np.zeros(height.shape), d.colour)
             full.dh[win], full.alpha[win] = d.dh, d.alpha
@@ -424,7 +429,7 @@ def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400
         d = _place_defect(defect_rng, defect, height, pitch, base)
         height = height + d.dh
         albedo = albedo * (1 - d.alpha[..., None]) + d.alpha[..., None] * d.colour
-        gt = (d.dh != 0) | (d.alpha > 0)
+        gt = d.mask
 
     z = z_plane - height + depth_noise
     xyz = np.stack([ray[None, :] * z, ray[:, None] * z, z], axis=-1).astype(np.float32)

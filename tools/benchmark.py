@@ -26,6 +26,7 @@ STAGES = ("preprocessing", "patches", "training", "inference")
 # Paths in BenchContext that a stage fills in, and those a stage needs from an earlier one.
 PRODUCES = {"preprocessing": ("preprocessed",), "patches": ("grids", "pretrain_grids"), "training": ("ckpt",)}
 NEEDS = {"training": ("pretrain_grids",), "inference": ("grids", "ckpt")}
+PRODUCER = {name: stage for stage, names in PRODUCES.items() for name in names}
 STATE_FILE = "stages_done.json"
 
 
@@ -140,11 +141,12 @@ def main(argv=None) -> int:
                        subset=args.subset, seed=args.seed, quick=args.quick)
     ctx.work.mkdir(parents=True, exist_ok=True)
     load_state(ctx, args)
+    available = {name for name in PRODUCER if getattr(ctx, name) is not None}
     missing = []
-    for stage in args.stages:
-        missing += [f"{stage} needs {name} ({next(s for s, p in PRODUCES.items() if name in p)} stage)"
-                    for name in NEEDS.get(stage, ()) if getattr(ctx, name) is None
-                    and not any(name in PRODUCES.get(s, ()) for s in args.stages[:args.stages.index(stage)])]
+    for stage in args.stages:     # in run order: a stage may use what an earlier one in the list produces
+        missing += [f"{stage} needs {name} ({PRODUCER[name]} stage)" for name in NEEDS.get(stage, ())
+                    if name not in available]
+        available.update(PRODUCES.get(stage, ()))
     if missing:
         print(f"error: {'; '.join(missing)}: add those stages to --stages, or run them once with the same --out, "
               "--size, --classes and sample counts", file=sys.stderr)

@@ -1,5 +1,8 @@
-"""Device selection shared by every script (``--device auto|cpu|cuda``)."""
+"""Device selection shared by every script (``--device auto|cpu|cuda``), and a device-aware timer."""
 from __future__ import annotations
+
+import time
+from typing import Optional
 
 import torch
 
@@ -27,3 +30,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise DeviceUnavailableError(f"--device {device}: this machine has {torch.cuda.device_count()} "
                                          "CUDA device(s), numbered from 0")
     return device
+
+
+class Timer:
+    """Context manager measuring wall time in seconds (CUDA-synchronised when ``device`` is CUDA)."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self._start

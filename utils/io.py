@@ -30,7 +30,7 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the destination folder; rename it onto ``path`` on success.
 
     The temporary name keeps the destination's suffix (writers such as tifffile or
@@ -39,8 +39,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -53,7 +52,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
-def write_xyz(path: str | os.PathLike, xyz: np.ndarray, compression: str | None = None) -> None:
+def write_xyz(path: str | os.PathLike, xyz: np.ndarray) -> None:
     """Atomically write an organised point cloud (H, W, 3) float32 as TIFF."""
     import tifffile
 
@@ -61,7 +60,7 @@ def write_xyz(path: str | os.PathLike, xyz: np.ndarray, compression: str | None 
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise ValueError(f"{path}: expected an (H, W, 3) array, got shape {xyz.shape}")
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, xyz, photometric="rgb", compression=compression)
+        tifffile.imwrite(tmp, xyz, photometric="rgb")
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
@@ -87,6 +86,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write a UTF-8 text file."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+CONFIG_NAME = "Congiguration"  # (sic) the authors' file name for a run's settings (SPEC 9.1)
+
+
+def configuration_text(config: dict) -> str:
+    """``Congiguration.txt``: one ``%30s: %s`` line per setting, sorted by name (SPEC 9.1)."""
+    return "".join("%30s: %s\n" % (key, config[key]) for key in sorted(config))
+
+
+def save_configuration(folder: str | os.PathLike, config: dict, pickle_protocol: int | None = None) -> None:
+    """Atomically write the authors' ``Congiguration.txt`` and ``Congiguration.pickle`` (the dict)."""
+    import pickle
+
+    write_text(Path(folder) / f"{CONFIG_NAME}.txt", configuration_text(config))
+    with atomic_path(Path(folder) / f"{CONFIG_NAME}.pickle") as tmp:
+        tmp.write_bytes(pickle.dumps(config, protocol=pickle_protocol))
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from core.pipeline import configuration_text, prefetch, reference_sample_orders, upsample_map
+from core.pipeline import prefetch, reference_sample_orders, upsample_map
+from utils.io import configuration_text
 
 
 def test_reference_orders_of_parity_fixture():

@@ -8,31 +8,13 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-
-class Timer:
-    """Context manager measuring wall time in seconds (CUDA-synchronised when ``device`` is CUDA)."""
-
-    def __init__(self, device: Optional[torch.device] = None):
-        self.cuda = device is not None and torch.device(device).type == "cuda"
-        self.seconds = 0.0
-
-    def __enter__(self) -> "Timer":
-        if self.cuda:
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self._start
+from utils.device import Timer  # noqa: F401  (re-exported for the stage modules)
 
 
 def peak_rss_mib() -> float:

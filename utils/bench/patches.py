@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from core.dataset import list_samples
-from core.patches import (POINT_NUM, PRETRAIN_GROUP_MUL, SAMPLE_NUM, CutOptions, PatchJob, copy_scales,
+from core.patches import (GROUP_MUL, POINT_NUM, PRETRAIN_GROUP_MUL, SAMPLE_NUM, CutOptions, PatchJob, copy_scales,
                           cut_arrays, cut_patches, fps_start, load_cloud, patch_count)
 from utils.bench import Timer, row
 
@@ -83,7 +83,7 @@ def _compare(ours: list[dict], authors: list[dict], exact_keys: tuple[str, ...],
 
 def _subset_rows(ctx, samples, pretrain: bool) -> dict:
     """Time ours (:func:`cut_arrays`) and the authors' way on the same clouds, in-process."""
-    group_mul = PRETRAIN_GROUP_MUL if pretrain else 10
+    group_mul = PRETRAIN_GROUP_MUL if pretrain else GROUP_MUL
     options = CutOptions(pretrain=pretrain, group_mul=group_mul, seed=ctx.seed, device=str(ctx.device))
     ours, authors, t_ours, t_authors = [], [], 0.0, 0.0
     cut_arrays(PatchJob(samples[0].xyz, ctx.work / "unused.npz", 0), options)   # untimed warm-up (CUDA start-up)

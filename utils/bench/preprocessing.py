@@ -30,7 +30,7 @@ def _xyz_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.tiff") if p.parent.name == "xyz" and not p.name.startswith("."))
 
 
-def _authors_way(xyz_path: Path, root: Path, scratch: Path, seed: int):
+def _authors_way(xyz_path: Path, scratch: Path, seed: int):
     """One sample the reference's way; returns (seconds, outputs)."""
     rgb_path = xyz_path.parent.parent / "rgb" / f"{xyz_path.stem}.png"
     gt_path = xyz_path.parent.parent / "gt" / f"{xyz_path.stem}.png"
@@ -52,11 +52,10 @@ def _same_as_ours(result, xyz_path: Path, root: Path, ours: Path) -> bool:
             and np.array_equal(read_rgb(ours / rgb_rel), result.rgb))
 
 
-def _raw_for_size(ctx, size: int) -> Path:
+def _raw_for_size(ctx, size: int, raw_size: int) -> Path:
     from core.synthetic import generate_dataset
 
-    first = _xyz_files(ctx.raw)[0]
-    if read_xyz(first).shape[0] == size:
+    if raw_size == size:
         return ctx.raw
     raw = ctx.work / f"preprocessing_raw_{size}"
     if not raw.exists():
@@ -68,10 +67,10 @@ def _raw_for_size(ctx, size: int) -> Path:
 def benchmark(ctx) -> list[dict]:
     import open3d  # noqa: F401  its import (seconds) is not part of any timing
 
-    sizes = (read_xyz(_xyz_files(ctx.raw)[0]).shape[0],) if ctx.quick else SIZES
+    raw_size = read_xyz(_xyz_files(ctx.raw)[0]).shape[0]
     rows = []
-    for size in sizes:
-        raw = _raw_for_size(ctx, size)
+    for size in (raw_size,) if ctx.quick else SIZES:
+        raw = _raw_for_size(ctx, size, raw_size)
         files = _xyz_files(raw)
         outputs = {}
         for workers in dict.fromkeys((1, ctx.workers)):
@@ -89,7 +88,7 @@ def benchmark(ctx) -> list[dict]:
         times, same = [], 0
         with tempfile.TemporaryDirectory(dir=ctx.work) as scratch:
             for xyz_path in subset:
-                seconds, result = _authors_way(xyz_path, raw, Path(scratch), ctx.seed)
+                seconds, result = _authors_way(xyz_path, Path(scratch), ctx.seed)
                 times.append(seconds)
                 same += _same_as_ours(result, xyz_path, raw, outputs[1][0])
         authors = float(np.mean(times))
