@@ -15,13 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from core.patches import POINT_NUM, PRETRAIN_CLOUDS, SAMPLE_NUM, cut_patches  # noqa: E402
-from utils.io import DataError  # noqa: E402
+from core.cutting import PRETRAIN_CLOUDS, CutConfig, cut_patches  # noqa: E402
+from core.grouping import SAMPLE_NUM  # noqa: E402
+from core.patch_files import POINT_NUM  # noqa: E402
+from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> tuple[CutConfig, argparse.Namespace]:
+    p = make_parser(__doc__)
     p.add_argument("--datasets_path", type=Path, required=True, help="preprocessed MVTec 3D-AD root")
     p.add_argument("--save_grid_path", type=Path, required=True, help="output folder for the patch files")
     p.add_argument("--pretrain", action="store_true", help="write pretraining data instead (group_mul fixed to 5)")
@@ -37,24 +38,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
     p.add_argument("--validation", action="store_true", help="also cut the validation split (never used later)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (FPS and kNN)")
-    return p.parse_args(argv)
+    return parse_config(p, CutConfig, argv)
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    try:
-        report = cut_patches(a.datasets_path, a.save_grid_path, pretrain=a.pretrain, classes=a.classes,
-                             group_mul=a.group_mul, point_num=a.point_num, sample_num=a.sample_num,
-                             pretrain_clouds=a.pretrain_clouds, seed=a.seed,
-                             workers=a.workers, overwrite=a.overwrite, validation=a.validation, device=a.device)
-    except (DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {report.written} patch file(s), kept {report.skipped} existing file(s) under {a.save_grid_path}")
+def execute(cfg: CutConfig, _) -> int:
+    report = cut_patches(cfg)
+    print(f"wrote {report.written} patch file(s), kept {report.skipped} existing file(s) under {cfg.save_grid_path}")
     if report.unpreprocessed:
         print(f"warning: {len(report.unpreprocessed)} cloud(s) look unpreprocessed; run tools/preprocessing.py "
               f"first", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(execute, *parse_args(argv))
 
 
 if __name__ == "__main__":

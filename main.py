@@ -13,18 +13,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.alignment import AlignmentError
-from core.patches import POINT_NUM
-from core.pipeline import RunConfig, run
-from core.rgb_features import BACKBONES, WeightsUnavailableError
-from core.sdf_model import CheckpointError
-from utils.device import DeviceUnavailableError
-from utils.io import DataError
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from core.patch_files import POINT_NUM  # noqa: E402
+from core.pipeline import RunConfig, run  # noqa: E402
+from core.rgb_features import BACKBONES  # noqa: E402
+from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
 
 
-def parse_args(argv=None) -> RunConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
+    p = make_parser(__doc__)
     p.add_argument("--datasets_path", type=Path, required=True,
                    help="preprocessed MVTec 3D-AD root (tools/preprocessing.py output)")
     p.add_argument("--grid_path", type=Path, required=True, help="patch files written by cut_patches.py")
@@ -44,22 +42,17 @@ def parse_args(argv=None) -> RunConfig:
                    help="RGB backbone weights file (default: the Hugging Face cache); 'random' for a seeded "
                         "random initialisation (testing only)")
     p.add_argument("--point_num", type=int, default=POINT_NUM, help="points per patch in the patch files")
-    a = p.parse_args(argv)
-    return RunConfig(datasets_path=a.datasets_path, grid_path=a.grid_path, ckpt_path=a.ckpt_path,
-                     output_dir=a.output_dir, classes=a.classes, device=a.device, seed=a.seed, viz=a.viz,
-                     save_maps=a.save_maps, rgb_backbone=a.rgb_backbone, rgb_weights=a.rgb_weights,
-                     point_num=a.point_num)
+    return parse_config(p, RunConfig, argv)
+
+
+def execute(cfg: RunConfig, _) -> int:
+    result_dir, _ = run(cfg)
+    print(f"results written to {result_dir}")
+    return 0
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        result_dir, _ = run(cfg)
-    except (DataError, CheckpointError, WeightsUnavailableError, AlignmentError, DeviceUnavailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"results written to {result_dir}")
-    return 0
+    return run_cli(execute, *parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from core.patch_files import POINT_NUM  # noqa: E402
+from core.sdf_training import TrainConfig, train  # noqa: E402
+from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    p = make_parser(__doc__)
     p.add_argument("--grid_path", type=Path, required=True,
                    help="patch folder written by cut_patches.py (holds PRETRAIN_DATA/)")
     p.add_argument("--ckpt_path", type=Path, default=Path("checkpoint"), help="folder for the run folders")
@@ -31,28 +34,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkpoint to continue from (its weights, optimiser state and epoch count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, shuffling and noise copies")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--point_num", type=int, default=500, help="points per patch (must match the grid)")
+    p.add_argument("--point_num", type=int, default=POINT_NUM, help="points per patch (must match the grid)")
     p.add_argument("--amp", action="store_true", help="bfloat16 mixed precision (changes the numbers slightly)")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (same maths; CUDA recommended)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return parse_config(p, TrainConfig, argv, cli_only=("quiet",))
+
+
+def execute(cfg: TrainConfig, cli: argparse.Namespace) -> int:
+    run_dir = train(cfg, progress=not cli.quiet)
+    print(f"checkpoints written to {run_dir}")
+    return 0
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from core.sdf_model import CheckpointError
-    from core.sdf_training import TrainConfig, train
-    from utils.device import DeviceUnavailableError
-    from utils.io import DataError
-
-    options = {k: v for k, v in vars(args).items() if k != "quiet"}
-    try:
-        run_dir = train(TrainConfig(**options), progress=not args.quiet)
-    except (DataError, CheckpointError, DeviceUnavailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"checkpoints written to {run_dir}")
-    return 0
+    return run_cli(execute, *parse_args(argv))
 
 
 if __name__ == "__main__":

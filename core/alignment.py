@@ -21,11 +21,12 @@ import numpy as np
 
 from core.inference import predict
 from core.memory import DualMemory, EncodedSample
+from utils.errors import ShapeGuidedError
 
 N_ALIGN = 25  # alignment samples per class (SPEC 7 step 1)
 
 
-class AlignmentError(ValueError):
+class AlignmentError(ShapeGuidedError, ValueError):
     """The alignment statistics are undefined (e.g. an all-zero or constant RGB score set)."""
 
 

@@ -39,6 +39,7 @@ import contextlib
 from typing import Iterator, Optional
 
 import numpy as np
+import open3d as o3d
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -217,14 +218,6 @@ def largest_cluster_mask(labels: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- Open3D
-def open3d_dbscan_labels(points: np.ndarray, eps: float, min_points: int) -> np.ndarray:
-    """Labels from Open3D ``cluster_dbscan`` (the authors' way; slow, used for checks and benchmarks)."""
-    import open3d as o3d
-
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
-    return np.asarray(cloud.cluster_dbscan(eps=eps, min_points=min_points, print_progress=False), dtype=np.int32)
-
-
 @contextlib.contextmanager
 def _single_openmp_thread() -> Iterator[None]:
     """Run Open3D's OpenMP loops on one thread inside the block.
@@ -253,8 +246,6 @@ def fit_plane(points: np.ndarray, distance_threshold: float, ransac_n: int, num_
     Seeds Open3D's global RNG with ``seed`` and runs single-threaded, so the same seed
     gives the same plane. The caller checks ``len(points) >= ransac_n``.
     """
-    import open3d as o3d
-
     if seed is not None:
         o3d.utility.random.seed(int(seed))
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))

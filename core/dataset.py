@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
+from PIL import Image
 
-from utils.io import DataError, read_gray
+from utils.errors import DataError
+from utils.io import read_gray
 
 MVTEC_CLASSES = (
     "bagel", "cable_gland", "carrot", "cookie", "dowel",
@@ -22,7 +24,8 @@ MVTEC_CLASSES = (
 )
 SPLITS = ("train", "validation", "test")
 GOOD = "good"
-IMAGE_SIZE = 224  # side of the working grid (SPEC conventions, S)
+IMAGE_SIZE = 224  # side of the working grid (SPEC conventions: the 224 x 224 grid)
+BORDER = 10       # width in pixels of the border strips where the background plane is sampled (SPEC 2.1 step 1)
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,6 @@ def load_gt_mask(sample: Sample, size: int = IMAGE_SIZE) -> np.ndarray:
     Good samples get an all-zero mask (their gt files are ignored). Defect masks are
     resized with PIL nearest (pixel-centre convention, KEEP #7) and binarised at 0.5.
     """
-    from PIL import Image
-
     if sample.label == 0:
         return np.zeros((size, size), dtype=np.float32)
     if sample.gt is None:

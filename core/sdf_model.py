@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.errors import ShapeGuidedError
+from utils.io import atomic_path
+
 LATENT_DIM = 128
 HIDDEN = 512
 N_WN_LAYERS = 7
@@ -181,7 +184,7 @@ class SDFModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-class CheckpointError(RuntimeError):
+class CheckpointError(ShapeGuidedError, RuntimeError):
     """A checkpoint file that cannot be loaded into :class:`SDFModel`."""
 
 
@@ -279,7 +282,5 @@ def save_sdf_checkpoint(path: str | os.PathLike, model: SDFModel, iteration: int
     Every tensor, in ``extra`` too (e.g. the optimiser state), is stored on the CPU, so the
     file loads on any machine without ``map_location``.
     """
-    from utils.io import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save(_to_cpu({"sdf_model": model.state_dict(), "current_iteration": int(iteration), **extra}), tmp)

@@ -1,6 +1,6 @@
 """Pretraining of the 3D expert (SPEC 4.2-4.3): data, PCP loss, Adam loop, checkpoints.
 
-Data (SPEC 4.3, FIX 11.17): every patch of ``<grid>/PRETRAIN_DATA/*/*.npz`` (files sorted)
+Data (SPEC 4.3, FIX #17): every patch of ``<grid>/PRETRAIN_DATA/*/*.npz`` (files sorted)
 is one item holding ``C`` noise copies (``C = 20`` for the SPEC 3.5 recipe) of ``point_num``
 queries and their nearest-surface targets, held as float32 ``(G, C, point_num, 3)`` arrays:
 
@@ -13,7 +13,7 @@ queries and their nearest-surface targets, held as float32 ``(G, C, point_num, 3
   ``manifest.json``, written last, names the source files with their sizes and modification
   times) and memory-mapped; a later run reuses the cache while the manifest matches.
 
-Randomness (SPEC 4.3, KEEP 11.15; FIX 11.9: seeded): epoch ``e`` draws its shuffle and its
+Randomness (SPEC 4.3, KEEP #15; FIX #9: seeded): epoch ``e`` draws its shuffle and its
 one noise copy per patch from ``numpy.random.default_rng([seed, e])``, and the model's
 initialisation from ``torch.manual_seed(seed)``. Nothing else is random, so a run resumed
 from a checkpoint written after epoch ``e`` continues exactly as the uninterrupted run on
@@ -30,7 +30,6 @@ them (the authors') resume at epoch ``current_iteration + 1`` with fresh Adam mo
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -45,12 +44,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.patch_files import POINT_NUM, PRETRAIN_DIR, PRETRAIN_KEYS
 from core.sdf_model import SDFModel, model_from_checkpoint, read_checkpoint, save_sdf_checkpoint
 from utils.device import resolve_device
-from utils.io import DataError, atomic_path, load_npz, save_configuration, write_text
-
-PRETRAIN_DIR = "PRETRAIN_DATA"
-PRETRAIN_KEYS = ("samples_all", "points_all", "origins_all")
+from utils.errors import DataError
+from utils.io import atomic_path, load_npz, make_run_dir, save_configuration, write_text
 CACHE_DIR = ".cache"
 IN_MEMORY_LIMIT = 4 * 2**30
 NORMAL_EPS = 1e-12          # pytorch_safe_norm's epsilon (SPEC 4.2 step 4)
@@ -264,7 +262,7 @@ def epoch_batches(n_items: int, n_copies: int, batch_size: int, seed: int, epoch
 def pcp_loss(model: SDFModel, targets: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """The Neural-Pull / PCP loss of SPEC 4.2 on targets and queries (B, P, 3).
 
-    The encoder sees the targets (KEEP 11.14); queries are pulled along the normalised SDF
+    The encoder sees the targets (KEEP #14); queries are pulled along the normalised SDF
     gradient, ``q - sdf * grad / sqrt(|grad|^2 + 1e-12)``, and the loss is the mean
     Euclidean distance of the pulled queries to their targets. The gradient comes from
     :meth:`LocalNIF.forward_with_gradient` (exact, differentiable in the parameters).
@@ -290,23 +288,9 @@ class TrainConfig:
     resume: Optional[Path] = None
     seed: int = 0
     device: str = "auto"
-    point_num: int = 500
+    point_num: int = POINT_NUM
     amp: bool = False
     compile: bool = False
-
-
-def make_run_dir(ckpt_path: str | os.PathLike, point_num: int) -> Path:
-    """A new ``<ckpt_path>/<YYYY-mm-dd-HH-MM-SS>-knn<point_num>`` folder (``-2``, ``-3`` ... if taken)."""
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-    Path(ckpt_path).mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        run = Path(ckpt_path) / (f"{stamp}-knn{point_num}" + (f"-{n}" if n > 1 else ""))
-        try:
-            run.mkdir()
-            return run
-        except FileExistsError:
-            continue
-    raise DataError(f"{ckpt_path}: cannot create a new run folder")
 
 
 def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer) -> int:
@@ -351,7 +335,7 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
         raise DataError(f"{cfg.resume}: already holds {start} epochs; --epoch {cfg.epoch} ends at epoch "
                         f"{cfg.epoch}, nothing to train")
 
-    run_dir = make_run_dir(cfg.ckpt_path, cfg.point_num)
+    run_dir = make_run_dir(cfg.ckpt_path, f"-knn{cfg.point_num}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     settings.update(ckpt_dir=str(run_dir), device=str(device), n_patches=len(data), n_copies=data.n_copies,
                     first_epoch=start, data_storage=data.storage)

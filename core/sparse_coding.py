@@ -28,12 +28,9 @@ nearest-neighbour atoms of the parity fixture's RGB features; scores elsewhere a
 """
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import torch
 
-__all__ = ["omp", "omp_reconstruct", "sklearn_omp_reference"]
+__all__ = ["omp", "omp_reconstruct"]
 
 
 def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int) -> None:
@@ -130,17 +127,3 @@ def omp_reconstruct(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = 3) ->
     recon = (codes.unsqueeze(1) @ a64).squeeze(1)
     dtype = _result_dtype(x)
     return codes.to(dtype), recon.to(dtype)
-
-
-def sklearn_omp_reference(x: np.ndarray, atoms: np.ndarray, n_nonzero: int = 3) -> np.ndarray:
-    """The reference's way: one scikit-learn ``sparse_encode`` call per row (for tests and timing)."""
-    from sklearn.decomposition import sparse_encode
-
-    x = np.asarray(x)
-    atoms = np.asarray(atoms)
-    codes = np.zeros(atoms.shape[:2], dtype=np.result_type(x.dtype, atoms.dtype))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # premature-stop warnings, silenced as in the reference
-        for b in range(x.shape[0]):
-            codes[b] = sparse_encode(x[b:b + 1], atoms[b], algorithm="omp", n_nonzero_coefs=n_nonzero)[0]
-    return codes

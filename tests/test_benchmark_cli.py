@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.bench import BenchContext
+from tools.bench import BenchContext
+from tools.bench import suite
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("tools_benchmark", REPO / "tools" / "benchmark.py")
@@ -28,29 +29,29 @@ def test_stage_without_its_inputs_exits_2_before_generating_data(tmp_path, capsy
 
 
 def test_finished_stages_are_reused_only_for_the_same_data(tmp_path):
-    args = bench.parse_args(["--out", str(tmp_path), "--classes", "bagel"])
+    args, _ = bench.parse_args(["--out", str(tmp_path), "--classes", "bagel"])
     ctx = _ctx(tmp_path)
     ctx.work.mkdir(parents=True)
     grids, ckpt = tmp_path / "work" / "grids", tmp_path / "work" / "ckpt.pth"
     grids.mkdir()
     ckpt.write_bytes(b"x")
     ctx.grids, ctx.pretrain_grids, ctx.ckpt = grids, None, ckpt
-    bench.save_state(ctx, args, "patches")
-    bench.save_state(ctx, args, "training")
-    state = json.loads((ctx.work / bench.STATE_FILE).read_text())
+    suite.save_state(ctx, args, "patches")
+    suite.save_state(ctx, args, "training")
+    state = json.loads((ctx.work / suite.STATE_FILE).read_text())
     assert state["paths"] == {"grids": str(grids), "pretrain_grids": None, "ckpt": str(ckpt)}
 
     again = _ctx(tmp_path)
-    bench.load_state(again, args)
+    suite.load_state(again, args)
     assert (again.grids, again.ckpt, again.pretrain_grids, again.preprocessed) == (grids, ckpt, None, None)
 
     other = _ctx(tmp_path)                            # another --size: nothing is reused
-    bench.load_state(other, bench.parse_args(["--out", str(tmp_path), "--classes", "bagel", "--size", "400"]))
+    suite.load_state(other, bench.parse_args(["--out", str(tmp_path), "--classes", "bagel", "--size", "400"])[0])
     assert other.grids is None and other.ckpt is None
 
     ckpt.unlink()                                     # a recorded path that is gone is not reused
     gone = _ctx(tmp_path)
-    bench.load_state(gone, args)
+    suite.load_state(gone, args)
     assert gone.grids == grids and gone.ckpt is None
 
 

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import cut_patches
-from core.patches import PRETRAIN_DIR
-from tests.core.test_patches import arrays_equal, load_all, write_tiny_dataset
+from core.cutting import plan_pretrain_jobs
+from core.patch_files import PRETRAIN_DIR
+from tests.core.patch_data import arrays_equal, load_all, write_tiny_dataset
+from tools.synthetic.mvtec import generate_dataset
 
 
 @pytest.fixture
@@ -68,14 +70,18 @@ def test_bad_input_exits_non_zero_naming_the_file(tmp_path, capsys):
 
 
 def test_pretrain_clouds_flag_limits_the_cloud_choice(tmp_path):
-    from core.patches import plan_pretrain_jobs
-    from core.synthetic import generate_dataset
-
     root = generate_dataset(tmp_path / "ds", classes=("bagel",), n_train=4, n_val=0, n_test_good=1, n_test_defect=0,
                             size=100, seed=0, progress=False)
     stems = [j for j in plan_pretrain_jobs(root, tmp_path / "g", ["bagel"], 0, clouds=2)]
     assert len(stems) == 2
     assert len(plan_pretrain_jobs(root, tmp_path / "g", ["bagel"], 0, clouds=20)) == 4   # all when fewer
-    args = cut_patches.parse_args(["--datasets_path", "d", "--save_grid_path", "g", "--pretrain_clouds", "3"])
-    assert args.pretrain_clouds == 3
-    assert cut_patches.parse_args(["--datasets_path", "d", "--save_grid_path", "g"]).pretrain_clouds == 20
+    cfg, _ = cut_patches.parse_args(["--datasets_path", "d", "--save_grid_path", "g", "--pretrain_clouds", "3"])
+    assert cfg.pretrain_clouds == 3
+    assert cut_patches.parse_args(["--datasets_path", "d", "--save_grid_path", "g"])[0].pretrain_clouds == 20
+
+
+def test_cut_patches_bad_device_exits_2(tmp_path, capsys):
+    rc = cut_patches.main(["--datasets_path", str(tmp_path), "--save_grid_path", str(tmp_path / "g"),
+                           "--device", "gpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gpu" in err and "Traceback" not in err

@@ -29,7 +29,8 @@ import pytest
 import tifffile
 
 import main as main_cli
-from core.pipeline import run, upsample_map
+from core.outputs import upsample_map
+from core.pipeline import run
 
 CLS = "torus"
 
@@ -44,7 +45,7 @@ def _argv(parity_dir, out, *extra):
 @pytest.fixture(scope="module")
 def parity_run(parity_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("parity_out")
-    cfg = main_cli.parse_args(_argv(parity_dir, out, "--viz", "--save_maps"))
+    cfg, _ = main_cli.parse_args(_argv(parity_dir, out, "--viz", "--save_maps"))
     cfg.keep_predictions = True
     result_dir, results = run(cfg)
     assert result_dir.parent == out and re.fullmatch(r"\d{4}(-\d\d){5}-result", result_dir.name)

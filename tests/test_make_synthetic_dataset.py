@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from core.dataset import list_samples
-from core.synthetic import render_sample
+from tools.synthetic.mvtec import render_sample
 from utils.io import read_gray, read_xyz
 
 

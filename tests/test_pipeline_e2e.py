@@ -5,7 +5,7 @@ import re
 import pytest
 import tifffile
 
-from utils.pipeline_runner import DemoConfig, run_pipeline
+from tools.runner.pipeline import DemoConfig, run_pipeline
 from utils.reporting import METHODS
 
 

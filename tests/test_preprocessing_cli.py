@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.preprocessing import MANIFEST
-from core.synthetic import generate_dataset
+from tools.synthetic.mvtec import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("tools_preprocessing", REPO / "tools" / "preprocessing.py")

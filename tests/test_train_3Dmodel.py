@@ -10,9 +10,9 @@ from tests.core.test_sdf_training import one_thread, read_log, write_pretrain  #
 
 
 def test_defaults_and_float_learning_rate():
-    args = train_3Dmodel.parse_args(["--grid_path", "g", "--learning_rate", "5e-4"])
+    args, _ = train_3Dmodel.parse_args(["--grid_path", "g", "--learning_rate", "5e-4"])
     assert args.learning_rate == 5e-4 and isinstance(args.learning_rate, float)
-    defaults = train_3Dmodel.parse_args(["--grid_path", "g"])
+    defaults, _ = train_3Dmodel.parse_args(["--grid_path", "g"])
     assert (defaults.batch_size, defaults.epoch, defaults.learning_rate, defaults.save_every, defaults.point_num,
             defaults.seed, defaults.device, defaults.amp, defaults.compile, defaults.resume) == \
         (32, 1000, 1e-4, 100, 500, 0, "auto", False, False, None)

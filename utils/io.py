@@ -8,7 +8,10 @@ interrupted run never leaves a half-written file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import itertools
 import os
+import pickle
 import shutil
 import tempfile
 import zipfile
@@ -16,10 +19,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
 
-
-class DataError(ValueError):
-    """Bad or missing input data. The message always names the offending path."""
+from utils.errors import DataError
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -54,8 +57,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_xyz(path: str | os.PathLike, xyz: np.ndarray) -> None:
     """Atomically write an organised point cloud (H, W, 3) float32 as TIFF."""
-    import tifffile
-
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise ValueError(f"{path}: expected an (H, W, 3) array, got shape {xyz.shape}")
@@ -65,8 +66,6 @@ def write_xyz(path: str | os.PathLike, xyz: np.ndarray) -> None:
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Atomically write a uint8 image, (H, W) gray or (H, W, 3) RGB, as PNG."""
-    from PIL import Image
-
     image = np.ascontiguousarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"{path}: expected uint8 image, got {image.dtype}")
@@ -98,11 +97,33 @@ def configuration_text(config: dict) -> str:
 
 def save_configuration(folder: str | os.PathLike, config: dict, pickle_protocol: int | None = None) -> None:
     """Atomically write the authors' ``Congiguration.txt`` and ``Congiguration.pickle`` (the dict)."""
-    import pickle
-
     write_text(Path(folder) / f"{CONFIG_NAME}.txt", configuration_text(config))
     with atomic_path(Path(folder) / f"{CONFIG_NAME}.pickle") as tmp:
         tmp.write_bytes(pickle.dumps(config, protocol=pickle_protocol))
+
+
+def write_tiff_map(path: str | os.PathLike, m: np.ndarray) -> None:
+    """Atomically write a float32 2-D map as TIFF."""
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.ascontiguousarray(m, dtype=np.float32))
+
+
+def make_run_dir(parent: str | os.PathLike, suffix: str) -> Path:
+    """A new, empty ``<parent>/<YYYY-mm-dd-HH-MM-SS><suffix>`` folder.
+
+    Two runs started in the same second get ``...<suffix>-2``, ``-3``, ...: the folder is
+    created atomically (``mkdir``), so concurrent runs never share one.
+    """
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = Path(parent, f"{stamp}{suffix}" + (f"-{n}" if n > 1 else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -124,8 +145,6 @@ def read_xyz(path: str | os.PathLike) -> np.ndarray:
     Raises :class:`DataError` for a missing, unreadable or corrupt file, or one whose
     array is not (H, W, 3) floating point.
     """
-    import tifffile
-
     path = Path(path)
     _require_file(path)
     try:
@@ -139,9 +158,18 @@ def read_xyz(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _read_image(path: Path, mode: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def read_tiff_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """Shape of the first page of a TIFF, read from its header only."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(int(n) for n in tif.pages[0].shape)
+    except Exception as exc:  # tifffile raises many types for corrupt data
+        raise DataError(f"{path}: cannot read TIFF header ({type(exc).__name__}: {exc})") from exc
 
+
+def _read_image(path: Path, mode: str) -> np.ndarray:
     _require_file(path)
     try:
         with Image.open(path) as img:

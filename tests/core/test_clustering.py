@@ -8,8 +8,9 @@ import pytest
 from scipy.spatial import cKDTree
 
 import core.clustering as clustering
-from core.clustering import dbscan_labels, fit_plane, largest_cluster_mask, open3d_dbscan_labels
-from core.synthetic import render_sample
+from core.clustering import dbscan_labels, fit_plane, largest_cluster_mask
+from tools.authors_way.preprocessing import open3d_dbscan_labels
+from tools.synthetic.mvtec import render_sample
 
 EPS, MIN_POINTS = 0.006, 30
 

@@ -5,7 +5,8 @@ import pytest
 
 from core.dataset import (Sample, defect_types, find_classes, list_samples, load_gt_mask, resolve_classes,
                           to_unorganized, valid_mask)
-from utils.io import DataError, write_png, write_xyz
+from utils.errors import DataError
+from utils.io import write_png, write_xyz
 
 
 def _sample_files(folder: Path, stems, gt=False, size=8):

@@ -12,7 +12,7 @@ from core.inference import _neighbours, _sparse_reconstruct, encode_sample, pred
 from core.memory import MemoryBuilder, SampleInput, load_sample_input
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
-from utils.bench.inference import agreement, authors_predict
+from tools.authors_way.inference import agreement, authors_predict
 
 
 def test_scatter_min_equals_point_loop():

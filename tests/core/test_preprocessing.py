@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 import core.preprocessing as prep
-from core.clustering import open3d_dbscan_labels
+import utils.manifest as manifest_engine
 from core.preprocessing import (MANIFEST, PreprocessingError, pad_to_square, pad_widths, preprocess_arrays,
                                 preprocess_dataset)
-from core.synthetic import generate_dataset, render_sample
-from utils.io import DataError, read_gray, read_rgb, read_xyz, write_png, write_xyz
+from tools.authors_way.preprocessing import open3d_dbscan_labels
+from tools.synthetic.mvtec import generate_dataset, render_sample
+from utils.errors import DataError
+from utils.io import read_gray, read_rgb, read_xyz, write_png, write_xyz
 
 
 # ----------------------------------------------------------------------------- helpers and fixtures
@@ -229,14 +231,14 @@ def test_interrupted_between_renames_is_rolled_forward(raw, reference_run, tmp_p
             raise KeyboardInterrupt
         Path(src).replace(dst)
 
-    monkeypatch.setattr(prep, "_rename", rename)
+    monkeypatch.setattr(manifest_engine, "_rename", rename)
     with pytest.raises(KeyboardInterrupt):
         preprocess_dataset(data, progress=False)
     half = Path(renames[2]).relative_to(data).as_posix()     # the tiff of the interrupted sample
     assert tree_bytes(data)[half] == tree_bytes(reference_run)[half]
     png = Path(renames[3]).relative_to(data).as_posix()
     assert tree_bytes(data)[png] != tree_bytes(reference_run)[png]
-    monkeypatch.setattr(prep, "_rename", lambda src, dst: Path(src).replace(dst))
+    monkeypatch.setattr(manifest_engine, "_rename", lambda src, dst: Path(src).replace(dst))
     summary = preprocess_dataset(data, progress=False)
     assert summary.ok and summary.recovered == 1 and summary.skipped == 1 and len(summary.processed) == 3
     assert tree_bytes(data) == tree_bytes(reference_run)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.rgb_features import (IMAGENET_MEAN, IMAGENET_STD, WeightsUnavailableError, build_rgb_extractor,
                                load_rgb_input, rename_efficientnet_lite0)
-from utils.io import DataError
+from utils.errors import DataError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

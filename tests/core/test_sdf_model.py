@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.patches import load_grid, normalize_patches
+from core.patch_files import load_grid, normalize_patches
 from core.sdf_model import (CheckpointError, SDFModel, load_sdf_checkpoint, save_sdf_checkpoint)
 
 # SPEC 4.4, written out in the authors' order.

@@ -12,7 +12,8 @@ from scipy.spatial import cKDTree
 from core.sdf_model import SDFModel, load_sdf_checkpoint
 from core.sdf_training import (PRETRAIN_DIR, PretrainSet, TrainConfig, epoch_batches, pcp_loss, pretrain_files,
                                train)
-from utils.io import DataError, save_npz
+from utils.errors import DataError
+from utils.io import save_npz
 
 LOG_LINE = re.compile(r"epoch:(\d{4})\tloss:(\d+\.\d{9})")
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.sparse_coding import omp, omp_reconstruct, sklearn_omp_reference
+from core.sparse_coding import omp, omp_reconstruct
+from tools.authors_way.inference import sklearn_omp_reference
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 INTERMEDIATES = SHARED / "parity" / "expected" / "torus" / "intermediates.npz"

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import cut_patches
 from utils.device import DeviceUnavailableError, resolve_device
 
 
@@ -22,10 +21,3 @@ def test_bad_names_are_clear_errors(name, message):
 def test_cuda_without_gpu_says_what_to_use():
     with pytest.raises(DeviceUnavailableError, match="--device cpu or auto"):
         resolve_device("cuda")
-
-
-def test_cut_patches_bad_device_exits_2(tmp_path, capsys):
-    rc = cut_patches.main(["--datasets_path", str(tmp_path), "--save_grid_path", str(tmp_path / "g"),
-                           "--device", "gpu"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "gpu" in err and "Traceback" not in err

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from utils.io import (DataError, atomic_path, copy_file, load_npz, read_gray, read_rgb, read_xyz, save_npz,
+from utils.errors import DataError
+from utils.io import (configuration_text, atomic_path, copy_file, load_npz, read_gray, read_rgb, read_xyz, save_npz,
                       write_png, write_text, write_xyz)
 
 
@@ -88,3 +89,8 @@ def test_written_files_get_umask_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "m.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_configuration_text_format():
+    text = configuration_text({"k_number": 10, "BS": 1, "classes": ["a", "b"]})
+    assert text == "%30s: %s\n%30s: %s\n%30s: %s\n" % ("BS", 1, "classes", ["a", "b"], "k_number", 10)

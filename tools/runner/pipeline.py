@@ -6,6 +6,7 @@ the run with the step's name and exit code.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class StepFailed(RuntimeError):
@@ -26,12 +27,12 @@ class StepFailed(RuntimeError):
 class DemoConfig:
     """Sizes and schedule of a synthetic end-to-end run."""
 
-    classes: tuple[str, ...] = ("bagel", "cookie")
+    classes: list[str] = field(default_factory=lambda: ["bagel", "cookie"])
     n_train: int = 10
     n_val: int = 1
     n_test_good: int = 4
     n_test_defect: int = 2          # per defect type (dent, bump, stain, crack)
-    defects: tuple[str, ...] = ()   # () = the generator's default set
+    defects: list[str] = field(default_factory=list)   # empty: the generator's default set
     size: int = 400
     pretrain_clouds: int = 3        # the authors use 20; a short CPU schedule uses fewer
     epochs: int = 1                 # authors' semantics: --epoch E runs E + 1 passes
@@ -43,7 +44,7 @@ class DemoConfig:
     seed: int = 0
     viz: bool = True
     save_maps: bool = True
-    extra_train_args: tuple[str, ...] = ()
+    extra_train_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,8 +85,6 @@ def newest(pattern: str, root: Path) -> Path:
 
 def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
     """Generate the synthetic data set and run the four scripts on it; return the parsed results."""
-    import json
-
     out = Path(out).resolve()
     raw, pre, grids, ckpts, results = out / "raw", out / "preprocessed", out / "grids", out / "checkpoint", out / "output"
     log = out / "pipeline.log"
@@ -113,6 +112,6 @@ def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
                  "--output_dir", results, "--rgb_backbone", cfg.rgb_backbone, "--device", "cpu", *seed]
     main_args += ["--viz"] * cfg.viz + ["--save_maps"] * cfg.save_maps
     t["main"] = run_step("main", main_args, log, quiet)
-    result_dir = newest("*-result", results)
+    result_dir = newest("*-result*", results)
     return DemoResult(out=out, result_dir=result_dir, results_txt=(result_dir / "results.txt").read_text(),
                       results=json.loads((result_dir / "results.json").read_text()), seconds=t)

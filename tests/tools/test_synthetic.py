@@ -1,4 +1,4 @@
-"""Tests of the synthetic MVTec 3D-AD generator (core/synthetic.py; layout of SPEC 1)."""
+"""Tests of the synthetic MVTec 3D-AD generator (tools/synthetic/mvtec.py; layout of SPEC 1)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from core import synthetic
+from tools.synthetic import mvtec as synthetic
 from core.dataset import defect_types, find_classes, list_samples, valid_mask
-from core.synthetic import (CLASSES, DEFECTS, FAMILIES, NOISE_SIGMA, SyntheticConfigError, family_of,
+from tools.synthetic.mvtec import (CLASSES, DEFECTS, FAMILIES, NOISE_SIGMA, SyntheticConfigError, family_of,
                             generate_dataset, render_sample)
-from utils.io import DataError, read_gray, read_rgb, read_xyz
+from utils.errors import DataError
+from utils.io import read_gray, read_rgb, read_xyz
 
 SIZE = 160
 

@@ -56,19 +56,22 @@ normal (``a x + b y + c z + d = 0``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from core.dataset import GOOD, SPLITS
-from utils.io import DataError, write_png, write_text, write_xyz
+from utils.errors import DataError
+from utils.io import write_png, write_text, write_xyz
+from utils.pool import ordered_map
 
 # ----------------------------------------------------------------------------- names
 FAMILIES = ("torus", "disc", "blob")
@@ -454,6 +457,29 @@ def _write_sample(task: tuple) -> None:
 MARKER = ".synthetic.json"  # settings of a generated class folder, written inside it
 
 
+@dataclass
+class SyntheticConfig:
+    """Options of ``tools/make_synthetic_dataset.py`` (the arguments of :func:`generate_dataset`)."""
+
+    out: Path
+    classes: list[str] = field(default_factory=lambda: ["bagel", "cookie"])
+    n_train: int = 20
+    n_val: int = 2
+    n_test_good: int = 4
+    n_test_defect: int = 2
+    size: int = 400
+    seed: int = 0
+    defects: list[str] = field(default_factory=lambda: list(DEFAULT_DEFECTS))
+    workers: int = 1
+    overwrite: bool = False
+
+
+def generate(cfg: SyntheticConfig, progress: bool = True) -> Path:
+    """What ``tools/make_synthetic_dataset.py`` runs: :func:`generate_dataset` with ``cfg``'s options."""
+    return generate_dataset(cfg.out, cfg.classes, cfg.n_train, cfg.n_val, cfg.n_test_good, cfg.n_test_defect,
+                            cfg.size, cfg.seed, cfg.defects, cfg.workers, cfg.overwrite, progress)
+
+
 def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", "cookie"), n_train: int = 20,
                      n_val: int = 2, n_test_good: int = 4, n_test_defect: int = 2, size: int = 400, seed: int = 0,
                      defects: Iterable[str] = DEFAULT_DEFECTS, workers: int = 1, overwrite: bool = False,
@@ -468,10 +494,6 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     ``out/<cls>`` is an error unless ``overwrite``, which replaces it once the new one
     is complete.
     """
-    import json
-
-    from tqdm import tqdm
-
     classes, defects = list(dict.fromkeys(classes)), list(dict.fromkeys(defects))
     for cls in classes:
         family_of(cls)
@@ -509,14 +531,8 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
         tasks = [(staging / cls / split / defect, cls, split, defect, i, size, seed)
                  for cls in todo for split, defect, n in plan for i in range(n)]
         with tqdm(total=len(tasks), desc="synthetic samples", unit="sample", disable=not progress) as bar:
-            if workers == 1:
-                for task in tasks:
-                    _write_sample(task)
-                    bar.update()
-            else:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
-                    for _ in pool.map(_write_sample, tasks, chunksize=2):
-                        bar.update()
+            for _ in ordered_map(_write_sample, tasks, workers):
+                bar.update()
         for cls in todo:
             write_text(staging / cls / MARKER, settings[cls])
             target = out / cls

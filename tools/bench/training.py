@@ -1,9 +1,9 @@
-"""Training-stage benchmark (BENCH.md): seconds per pretraining iteration, ours vs the authors' way.
+"""Training-stage benchmark: seconds per pretraining iteration, ours vs the authors' way.
 
 Ours (``core.sdf_training``): float32 data held once, a batch gathered by two index arrays,
 the latent's half of fc3 computed once per patch, the SDF gradient written out
 (``LocalNIF.forward_with_gradient``) and one backward pass.
-The authors' way (SPEC 4.2-4.3 as the reference runs it): per-patch float64 arrays in Python
+The authors' way (:mod:`tools.authors_way.training`): per-patch float64 arrays in Python
 lists, a ``DataLoader`` drawing a random copy per item with Python ``random`` (run in the main
 process here; the reference's one worker process only overlaps this with compute), a float64 ->
 float32 conversion and device copy per batch, the latent tiled to every point and pushed
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from core.patch_files import POINT_NUM, PRETRAIN_DIR
 from core.sdf_model import SDFModel, save_sdf_checkpoint
-from core.sdf_training import PRETRAIN_DIR, PretrainSet, epoch_batches, pcp_loss, pretrain_files
-from utils.bench import BenchContext, Timer, row
+from core.sdf_training import PretrainSet, epoch_batches, pcp_loss, pretrain_files
+from tools.authors_way.training import AuthorsPretrainData, authors_loss
+from tools.bench import BenchContext, row
+from utils.device import Timer
 from utils.io import save_npz
-
-POINT_NUM = 500
-N_COPIES = 20
 
 
 def synthetic_pretrain(grid: Path, n_files: int, patches: int, seed: int) -> Path:
@@ -51,43 +51,6 @@ def synthetic_pretrain(grid: Path, n_files: int, patches: int, seed: int) -> Pat
         save_npz(grid / PRETRAIN_DIR / "synthetic" / f"{f:03d}.npz", samples_all=np.asarray(samples),
                  points_all=np.asarray(points, np.float32), origins_all=np.asarray(origins, np.float32))
     return grid
-
-
-class AuthorsPretrainData(torch.utils.data.Dataset):
-    """The reference's pretraining data set: per-patch float64 arrays, a random copy per fetch."""
-
-    def __init__(self, files: list[Path]):
-        self.samples, self.points = [], []
-        for path in files:
-            with np.load(path) as data:
-                self.samples.extend(np.asarray(data["samples_all"], np.float64))
-                self.points.extend(np.asarray(data["points_all"], np.float64))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        rt = random.randint(0, N_COPIES - 1)
-        rows = slice(rt * POINT_NUM, (rt + 1) * POINT_NUM)
-        return self.points[i][rows], self.samples[i][rows]
-
-
-def authors_loss(model: SDFModel, points: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-    """The reference's forward and loss: tiled latent, fc1 and full fc3 per point, double backprop."""
-    nif = model.NIF
-    feature = model.encoder(points)
-    tiled = torch.tile(feature[:, None, :], [1, samples.shape[1], 1])
-    samples = samples.requires_grad_(True)
-    net = torch.cat([torch.relu(nif.fc2(samples)), torch.relu(nif.fc1(tiled))], dim=2)
-    net = torch.relu(nif.fc3(net))
-    for layer in nif.hidden_layers:
-        net = torch.relu(layer(net))
-    sdf = nif.fc5(net)
-    grad = torch.autograd.grad(sdf, samples, torch.ones_like(sdf), create_graph=True, retain_graph=True,
-                               only_inputs=True)[0]
-    length = torch.sqrt(torch.sum(grad ** 2, dim=-1) + 1e-12).unsqueeze(-1)
-    g_points = samples - sdf * (grad / length)
-    return torch.linalg.norm(points - g_points, ord=2, dim=-1).mean()
 
 
 def _compare(model: SDFModel, targets: torch.Tensor, queries: torch.Tensor) -> str:

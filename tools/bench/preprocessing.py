@@ -1,11 +1,11 @@
-"""Preprocessing benchmark (SPEC 2; BENCH contract): seconds per sample, ours vs the authors' way.
+"""Preprocessing benchmark (SPEC 2): seconds per sample, ours vs the authors' way.
 
 Ours: :func:`core.preprocessing.preprocess_dataset` into a fresh output folder (reading,
 plane fit, exact fast DBSCAN, writing, manifest), with 1 and ``ctx.workers`` processes.
-Authors' way: the same reading, plane step and writing, sequentially, with Open3D
-``cluster_dbscan`` on all valid points left after the plane removal (what the reference
-does), on ``ctx.subset`` samples. Agreement: the authors'-way outputs are compared with
-ours array for array (equal xyz and rgb means identical kept points).
+Authors' way (:func:`tools.authors_way.preprocessing.preprocess_file`): the same reading,
+plane step and writing, sequentially, with Open3D ``cluster_dbscan`` on all valid points
+left after the plane removal, on ``ctx.subset`` samples. Agreement: the authors'-way
+outputs are compared with ours array for array (equal xyz and rgb means identical kept points).
 Sizes: 400x400 and 800x800 (``ctx.raw`` is used for its own size, a few samples are
 generated for the other); ``ctx.quick`` runs only ``ctx.raw``.
 """
@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.clustering import open3d_dbscan_labels
-from core.preprocessing import preprocess_arrays, preprocess_dataset
-from utils.bench import Timer, row
-from utils.io import read_gray, read_rgb, read_xyz, write_png, write_xyz
+from core.preprocessing import preprocess_dataset
+from tools.authors_way.preprocessing import preprocess_file
+from tools.bench import row
+from tools.synthetic.mvtec import generate_dataset
+from utils.device import Timer
+from utils.io import read_rgb, read_xyz
 
 SIZES = (400, 800)
 EXTRA_SAMPLES = 4  # generated samples for a size that ctx.raw does not have
@@ -28,21 +30,6 @@ EXTRA_SAMPLES = 4  # generated samples for a size that ctx.raw does not have
 
 def _xyz_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.tiff") if p.parent.name == "xyz" and not p.name.startswith("."))
-
-
-def _authors_way(xyz_path: Path, scratch: Path, seed: int):
-    """One sample the reference's way; returns (seconds, outputs)."""
-    rgb_path = xyz_path.parent.parent / "rgb" / f"{xyz_path.stem}.png"
-    gt_path = xyz_path.parent.parent / "gt" / f"{xyz_path.stem}.png"
-    with Timer() as t:
-        gt = read_gray(gt_path) if gt_path.exists() else None
-        result = preprocess_arrays(read_xyz(xyz_path), read_rgb(rgb_path), gt, seed=seed,
-                                   labels_fn=open3d_dbscan_labels)
-        write_xyz(scratch / "xyz.tiff", result.xyz)
-        write_png(scratch / "rgb.png", result.rgb)
-        if gt is not None:
-            write_png(scratch / "gt.png", result.gt)
-    return t.seconds, result
 
 
 def _same_as_ours(result, xyz_path: Path, root: Path, ours: Path) -> bool:
@@ -53,8 +40,6 @@ def _same_as_ours(result, xyz_path: Path, root: Path, ours: Path) -> bool:
 
 
 def _raw_for_size(ctx, size: int, raw_size: int) -> Path:
-    from core.synthetic import generate_dataset
-
     if raw_size == size:
         return ctx.raw
     raw = ctx.work / f"preprocessing_raw_{size}"
@@ -65,8 +50,6 @@ def _raw_for_size(ctx, size: int, raw_size: int) -> Path:
 
 
 def benchmark(ctx) -> list[dict]:
-    import open3d  # noqa: F401  its import (seconds) is not part of any timing
-
     raw_size = read_xyz(_xyz_files(ctx.raw)[0]).shape[0]
     rows = []
     for size in (raw_size,) if ctx.quick else SIZES:
@@ -88,7 +71,7 @@ def benchmark(ctx) -> list[dict]:
         times, same = [], 0
         with tempfile.TemporaryDirectory(dir=ctx.work) as scratch:
             for xyz_path in subset:
-                seconds, result = _authors_way(xyz_path, Path(scratch), ctx.seed)
+                seconds, result = preprocess_file(xyz_path, Path(scratch), ctx.seed)
                 times.append(seconds)
                 same += _same_as_ours(result, xyz_path, raw, outputs[1][0])
         authors = float(np.mean(times))

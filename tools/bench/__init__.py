@@ -1,4 +1,4 @@
-"""Benchmark support: each stage module ``utils/bench/<stage>.py`` exposes ``benchmark(ctx) -> list[dict]``.
+"""Benchmark support: each stage module ``tools/bench/<stage>.py`` exposes ``benchmark(ctx) -> list[dict]``.
 
 Every stage times this project's implementation against a faithful re-implementation of
 how the authors' code computes the same thing, in the same run, and checks that the two
@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-
-from utils.device import Timer  # noqa: F401  (re-exported for the stage modules)
 
 
 def peak_rss_mib() -> float:

@@ -1,0 +1,123 @@
+"""Everything ``main.py`` writes (SPEC 9.1, 10), from the per-class results of :mod:`core.pipeline`.
+
+In ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result/`` (a new folder per run):
+
+* ``Congiguration.txt`` / ``.pickle`` (sic, the reference's names) and ``configuration.json``:
+  the run's settings, written first;
+* per class, as soon as it is done: its line of ``alignment.txt``, ``<cls>/testing_state.txt``,
+  with ``--viz`` the heatmaps ``<cls>/Visualization/images/NNNNNNNN.png`` and optimal
+  thresholds, with ``--save_maps`` the fused maps ``anomaly_maps/<cls>/test/<type>/<stem>.tiff``;
+* last: ``results.json`` (every number, unrounded) and ``results.txt`` (the reference's
+  three tables). A run that stopped early has no ``results.txt``.
+
+Every file is written atomically (:mod:`utils.io`); the formatting lives in
+:mod:`utils.reporting` and the figures in :mod:`utils.visualization`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.alignment import Alignment
+from core.dataset import IMAGE_SIZE, Sample
+from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction
+from utils.io import make_run_dir, read_tiff_shape, save_configuration, write_text, write_tiff_map
+from utils.metrics import per_defect_type
+from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
+from utils.visualization import optimal_threshold, save_heatmaps
+
+
+@dataclass
+class ClassResult:
+    """Everything recorded for one class (SPEC 8.4, 9); the outputs are written from it."""
+
+    cls: str
+    alignment: Alignment
+    samples: list[Sample]
+    labels: np.ndarray             # (T,)
+    scores: dict[str, np.ndarray]  # method -> (T,) image scores
+    maps: dict[str, np.ndarray]    # method -> (T, 224, 224) blurred maps
+    masks: np.ndarray              # (T, 224, 224) float32 {0, 1}
+    metrics: dict = field(default_factory=dict)
+    thresholds: Optional[tuple[float, float]] = None
+    times: dict = field(default_factory=dict)
+    rgb_images: Optional[np.ndarray] = None  # (T, 224, 224, 3) uint8 inputs, kept only for --viz
+    predictions: Optional[list[Prediction]] = None  # kept only with RunConfig.keep_predictions
+
+
+def make_result_dir(output_dir: str | Path) -> Path:
+    """A new ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result`` folder (``-2``, ``-3`` ... when taken)."""
+    return make_run_dir(output_dir, "-result")
+
+
+def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_weights: str,
+                        iteration: int) -> None:
+    """``Congiguration.txt``/``.pickle`` (reference attribute names, SPEC 9.1) and ``configuration.json``
+    of a run with the :class:`core.pipeline.RunConfig` ``cfg``."""
+    config = {
+        "BS": 1, "POINT_NUM": cfg.point_num, "ckpt_path": str(cfg.ckpt_path), "classes": classes,
+        "datasets_path": str(cfg.datasets_path), "dict_n_component": N_NONZERO, "grid_path": str(cfg.grid_path),
+        "image_size": IMAGE_SIZE, "k_number": K_SDF, "k_rgb": K_RGB, "method_name": list(METHODS),
+        "output_dir": str(result_dir), "rgb_method": "Dict", "viz": cfg.viz, "save_maps": cfg.save_maps,
+        "device": str(device), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
+        "rgb_weights": rgb_weights, "sdf_checkpoint_iteration": iteration,
+    }
+    save_configuration(result_dir, config, pickle_protocol=2)
+    write_text(result_dir / "configuration.json", json.dumps(config, indent=2) + "\n")
+
+
+def original_size(sample: Sample) -> tuple[int, int]:
+    """(H, W) of the sample's xyz TIFF, read from its header."""
+    return read_tiff_shape(sample.xyz)[:2]
+
+
+def upsample_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (align_corners=False) resize of a (224, 224) map to ``size``, float32."""
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassResult], viz: bool,
+                        save_maps: bool) -> None:
+    """``alignment.txt`` (rewritten with the lines of ``done``, this class last), ``<cls>/testing_state.txt``,
+    with ``viz`` the heatmaps and thresholds (stored in ``result.thresholds``), with ``save_maps`` the TIFF maps."""
+    cls = result.cls
+    write_text(result_dir / "alignment.txt",
+               "".join(alignment_line(r.cls, r.alignment.weight, r.alignment.bias) for r in done))
+    det = seg = None
+    if viz:
+        det = optimal_threshold(result.labels, result.scores["RGB_SDF"])
+        seg = optimal_threshold(result.masks, result.maps["RGB_SDF"])
+        result.thresholds = (det, seg)
+        images_dir = result_dir / cls / "Visualization" / "images"
+        save_heatmaps(images_dir, result.rgb_images, result.masks, result.maps["RGB_SDF"], seg)
+        result.rgb_images = None
+    write_text(result_dir / cls / "testing_state.txt", testing_state_text(cls, result.metrics, det, seg))
+    if save_maps:
+        for sample, m in tqdm(list(zip(result.samples, result.maps["RGB_SDF"])), desc=f"{cls}: maps", unit="map"):
+            path = result_dir / "anomaly_maps" / cls / "test" / sample.defect / f"{sample.stem}.tiff"
+            write_tiff_map(path, upsample_map(m, original_size(sample)))
+
+
+def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str]) -> str:
+    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables."""
+    metrics = {c: r.metrics for c, r in results.items()}
+    tables = results_tables(metrics, classes)
+    report = results_json(metrics, classes,
+                          alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
+                          thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
+    for c, r in results.items():
+        report["classes"][c]["per_defect_type"] = {
+            m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
+            for m in METHODS}
+    report["timing_seconds"] = {c: r.times for c, r in results.items()}
+    write_text(result_dir / "results.json", json.dumps(report, indent=2) + "\n")
+    write_text(result_dir / "results.txt", tables)
+    return tables

@@ -1,0 +1,66 @@
+"""What every command-line script shares: arguments -> the stage's dataclass, errors -> exit 2.
+
+Each script parses its flags with argparse and turns them into its stage's configuration
+dataclass with :func:`parse_config` (argparse ``dest`` names are the dataclass field names;
+flags that only the script reads, such as ``--quiet``, come back separately), calls the
+library and lets :func:`run_cli` map a
+:class:`utils.errors.ShapeGuidedError` to a one-line message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Callable, Iterable, TypeVar
+
+from utils.errors import ShapeGuidedError
+
+T = TypeVar("T")
+
+EXIT_BAD_INPUT = 2
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by the first paragraph of a script's docstring, defaults in ``--help``."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, cli_only: Iterable[str] = (), **overrides) -> T:
+    """``cls(**vars(args))`` restricted to ``cls``'s fields, plus ``overrides``.
+
+    Every argument must be a field of ``cls`` or be named in ``cli_only`` (flags that
+    only the script itself reads, e.g. ``--quiet``), so a flag can never be silently dropped.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = dict(vars(args))
+    stray = sorted(set(values) - names - set(cli_only) - set(overrides))
+    if stray:
+        raise TypeError(f"{cls.__name__} has no field for the argument(s) {stray}")
+    values = {k: v for k, v in values.items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def parse_config(parser: argparse.ArgumentParser, cls: type[T], argv=None, cli_only: Iterable[str] = ()
+                 ) -> tuple[T, argparse.Namespace]:
+    """Parse ``argv`` into ``(cls instance, namespace of the cli_only flags)``; see :func:`config_from_args`."""
+    args = parser.parse_args(argv)
+    cli_only = tuple(cli_only)
+    return config_from_args(cls, args, cli_only), argparse.Namespace(**{k: getattr(args, k) for k in cli_only})
+
+
+def split_names(values: Iterable[str] | None) -> list[str] | None:
+    """Accept both ``--classes a b`` and ``--classes a,b`` (and mixtures); None stays None."""
+    if values is None:
+        return None
+    return [v for value in values for v in value.split(",") if v]
+
+
+def run_cli(body: Callable[..., int], *args) -> int:
+    """``body(*args)``; a :class:`ShapeGuidedError` becomes ``error: <message>`` on stderr and exit 2."""
+    try:
+        return body(*args)
+    except ShapeGuidedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
