@@ -39,7 +39,6 @@ import contextlib
 from typing import Iterator, Optional
 
 import numpy as np
-import open3d as o3d
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -246,6 +245,8 @@ def fit_plane(points: np.ndarray, distance_threshold: float, ransac_n: int, num_
     Seeds Open3D's global RNG with ``seed`` and runs single-threaded, so the same seed
     gives the same plane. The caller checks ``len(points) >= ransac_n``.
     """
+    import open3d as o3d  # optional heavy dependency: only the plane fit needs it (GPU images may lack it)
+
     if seed is not None:
         o3d.utility.random.seed(int(seed))
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))

@@ -108,9 +108,24 @@ class Preprocessed:
                     kept_label=self.kept_label)
 
 
+def _fit_border_plane(xyz: np.ndarray, seed: Optional[int], name: str) -> np.ndarray:
+    """SPEC 2.1 steps 1-2: the RANSAC plane of the valid border points."""
+    border = border_points(xyz)
+    if len(border) < RANSAC_N:
+        raise PreprocessingError(
+            f"{name}: only {len(border)} valid points in the {BORDER}-pixel border, the plane fit needs "
+            f"{RANSAC_N}; the file looks already preprocessed (an earlier run emptied its border) "
+            f"or has no background plane")
+    return fit_plane(border, PLANE_DISTANCE, RANSAC_N, RANSAC_ITERATIONS, seed)
+
+
 def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray] = None, seed: Optional[int] = 0,
-                      name: str = "sample", labels_fn: LabelFn = dbscan_labels) -> Preprocessed:
+                      name: str = "sample", labels_fn: LabelFn = dbscan_labels,
+                      plane: Optional[np.ndarray] = None) -> Preprocessed:
     """SPEC 2.1 steps 1-5 on one sample's arrays; inputs are not modified.
+
+    ``plane`` (a, b, c, d), when given, replaces the RANSAC fit of steps 1-2 (the synthetic
+    generator knows its plane, and needs no Open3D then).
 
     ``labels_fn(points, eps, min_points)`` gives DBSCAN labels (default: the exact fast
     :func:`core.clustering.dbscan_labels`; the authors' way is
@@ -122,13 +137,8 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
     if rgb.shape[:2] != (h, w) or (gt is not None and gt.shape[:2] != (h, w)):
         raise PreprocessingError(f"{name}: image sizes differ: xyz {h}x{w}, rgb {rgb.shape[0]}x{rgb.shape[1]}"
                                  + ("" if gt is None else f", gt {gt.shape[0]}x{gt.shape[1]}"))
-    border = border_points(xyz)
-    if len(border) < RANSAC_N:
-        raise PreprocessingError(
-            f"{name}: only {len(border)} valid points in the {BORDER}-pixel border, the plane fit needs "
-            f"{RANSAC_N}; the file looks already preprocessed (an earlier run emptied its border) "
-            f"or has no background plane")
-    plane = fit_plane(border, PLANE_DISTANCE, RANSAC_N, RANSAC_ITERATIONS, seed)
+    if plane is None:
+        plane = _fit_border_plane(xyz, seed, name)
 
     flat = xyz.reshape(-1, 3)
     valid = valid_mask(flat)

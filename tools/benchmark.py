@@ -34,6 +34,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
+    p.add_argument("--background_removed", action="store_true",
+                   help="generate the data already preprocessed (for machines without Open3D; no preprocessing stage)")
     cfg, cli = parse_config(p, BenchConfig, argv)
     cfg.classes = split_names(cfg.classes)
     return cfg, cli

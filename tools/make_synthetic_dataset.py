@@ -37,6 +37,8 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
                    help=f"defect types, from: {', '.join(DEFECTS)}")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace existing class folders")
+    p.add_argument("--background_removed", action="store_true",
+                   help="write what tools/preprocessing.py would output (no Open3D needed); for GPU machines")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cfg, cli = parse_config(p, SyntheticConfig, argv, cli_only=("quiet",))
     cfg.classes, cfg.defects = split_names(cfg.classes), split_names(cfg.defects)

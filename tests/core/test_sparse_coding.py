@@ -188,11 +188,11 @@ def test_reconstruct_and_empty_batch():
     assert c0.shape == (0, 10) and r0.shape == (0, 16)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_equals_cpu():
+@pytest.mark.cuda
+def test_cuda_equals_cpu(accel_device):
     rng = np.random.default_rng(23)
     x = torch.from_numpy(rng.random((500, 128), dtype=np.float32))
     atoms = torch.from_numpy(rng.random((500, 10, 128), dtype=np.float32))
-    codes_gpu = omp(x.cuda(), atoms.cuda())
-    assert codes_gpu.is_cuda
-    torch.testing.assert_close(codes_gpu.cpu(), omp(x, atoms), rtol=0, atol=1e-6)
+    codes_dev = omp(x.to(accel_device), atoms.to(accel_device))
+    assert codes_dev.device.type == accel_device.type
+    torch.testing.assert_close(codes_dev.cpu(), omp(x, atoms), rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from core.preprocessing import preprocess_dataset
 from tools.synthetic import mvtec as synthetic
 from core.dataset import defect_types, find_classes, list_samples, valid_mask
 from tools.synthetic.mvtec import (CLASSES, DEFECTS, FAMILIES, NOISE_SIGMA, SyntheticConfigError, family_of,
@@ -266,3 +267,20 @@ def test_every_class_renders():
     for cls in CLASSES:
         s = render_sample(cls, "test", "bump", 0, size=96)
         assert s.gt.any() and 0.15 < s.object_mask.mean() < 0.4, cls
+
+
+def test_background_removed_equals_the_preprocessing_output(tmp_path):
+    """The generator's preprocessed mode writes exactly what tools/preprocessing.py makes of its raw output."""
+    kw = dict(classes=["bagel", "potato"], n_train=2, n_val=0, n_test_good=1, n_test_defect=1,
+              defects=["crack", "stain"], size=400, seed=3, progress=False)
+    raw = synthetic.generate_dataset(tmp_path / "raw", **kw)
+    summary = preprocess_dataset(raw, tmp_path / "pre", progress=False)
+    assert summary.ok and len(summary.processed) == 10
+    direct = synthetic.generate_dataset(tmp_path / "direct", background_removed=True, **kw)
+    files = sorted(p.relative_to(direct) for p in direct.rglob("*.*") if not p.name.startswith("."))
+    assert len(files) == 26 and files == sorted(p.relative_to(tmp_path / "pre") for p in (tmp_path / "pre").rglob("*.*")
+                                                if not p.name.startswith("."))
+    for f in files:
+        read = read_xyz if f.suffix == ".tiff" else read_rgb
+        assert np.array_equal(read(direct / f), read(tmp_path / "pre" / f)), f
+    assert (read_xyz(direct / files[-1]) == 0).all(axis=-1).mean() > 0.5      # the plane is gone

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import open3d as o3d
 
 from core.preprocessing import preprocess_arrays
 from utils.device import Timer
@@ -19,6 +18,8 @@ from utils.io import read_gray, read_rgb, read_xyz, write_png, write_xyz
 
 def open3d_dbscan_labels(points: np.ndarray, eps: float, min_points: int) -> np.ndarray:
     """Labels from Open3D ``cluster_dbscan`` (the authors' way; slow, used for checks and benchmarks)."""
+    import open3d as o3d  # optional heavy dependency (see core.clustering.fit_plane)
+
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
     return np.asarray(cloud.cluster_dbscan(eps=eps, min_points=min_points, print_progress=False), dtype=np.int32)
 

@@ -53,6 +53,7 @@ class BenchConfig:
     device: str = "auto"
     seed: int = 0
     quick: bool = False
+    background_removed: bool = False   # generate the data already preprocessed (machines without Open3D)
 
 
 def machine_info(device) -> dict:
@@ -93,7 +94,8 @@ def markdown_table(rows: list[dict], info: dict) -> str:
 
 def _same_data(args) -> dict:
     return dict(size=args.size, classes=list(args.classes), n_train=args.n_train, n_test_good=args.n_test_good,
-                n_test_defect=args.n_test_defect, seed=args.seed, quick=args.quick)
+                n_test_defect=args.n_test_defect, seed=args.seed, quick=args.quick,
+                background_removed=args.background_removed)
 
 
 def load_state(ctx, args) -> None:
@@ -132,9 +134,13 @@ def run_benchmark(args: BenchConfig) -> dict:
     if args.quick:
         args.size, args.n_train, args.n_test_good, args.n_test_defect = 400, 3, 1, 1
     out = args.out.resolve()
-    raw = out / "data" / f"raw_{args.size}"
+    if args.background_removed and "preprocessing" in args.stages:
+        raise ConfigError("--background_removed generates preprocessed data: drop the preprocessing stage "
+                          "from --stages")
+    raw = out / "data" / (f"preprocessed_{args.size}" if args.background_removed else f"raw_{args.size}")
     ctx = BenchContext(raw=raw, work=out / "work", classes=args.classes, device=device, workers=args.workers,
-                       subset=args.subset, seed=args.seed, quick=args.quick)
+                       subset=args.subset, seed=args.seed, quick=args.quick,
+                       preprocessed=raw if args.background_removed else None)
     ctx.work.mkdir(parents=True, exist_ok=True)
     load_state(ctx, args)
     available = {name for name in PRODUCER if getattr(ctx, name) is not None}
@@ -150,7 +156,7 @@ def run_benchmark(args: BenchConfig) -> dict:
         with Timer() as t:
             generate_dataset(raw, classes=args.classes, n_train=args.n_train, n_val=0,
                              n_test_good=args.n_test_good, n_test_defect=args.n_test_defect,
-                             size=args.size, seed=args.seed)
+                             size=args.size, seed=args.seed, background_removed=args.background_removed)
         write_text(raw / ".complete", f"generated in {t.seconds:.1f} s\n")
     info = machine_info(device)
     rows, memory = [], {}

@@ -122,6 +122,43 @@ def _measure(data: PretrainSet, authors: AuthorsPretrainData, device: torch.devi
     return ours, theirs, _compare(initial, targets, queries), model
 
 
+def _time_mode(data: PretrainSet, device: torch.device, batch: int, steps: int, seed: int, amp: bool,
+               compiled: bool) -> tuple[float, float]:
+    """Seconds per training iteration of ours in one mode (after warm-up steps, which include the
+    compilation) and the loss of the first timed step."""
+    torch.manual_seed(seed)
+    model = SDFModel().to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.compile(pcp_loss) if compiled else pcp_loss
+    index, copies = epoch_batches(len(data), data.n_copies, batch, seed, 0)
+    order = [(index[i % len(index)], copies[i % len(index)]) for i in range(steps + 2)]
+    losses, seconds = [], 0.0
+    for i, ic in enumerate(order):
+        with Timer(device) as t:
+            targets, queries = (x.to(device, non_blocking=True) for x in data.batch(*ic))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(model, targets, queries)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if i >= 2:                       # two warm-up steps: compilation, kernel choice, allocator
+            seconds += t.seconds
+            losses.append(loss.item())
+    return seconds / steps, losses[0]
+
+
+def training_modes(data: PretrainSet, device: torch.device, batch: int, steps: int, seed: int) -> list[dict]:
+    """Rows for ``train_3Dmodel.py`` plain, ``--amp`` and ``--compile`` on ``device`` (same data and start)."""
+    rows, plain = [], None
+    for name, amp, compiled in (("plain", False, False), ("--amp", True, False), ("--compile", False, True)):
+        seconds, loss = _time_mode(data, device, batch, steps, seed, amp, compiled)
+        plain = loss if plain is None else plain
+        rows.append(row("training", f"train iteration, batch {batch} ({device.type}, {name})", seconds,
+                        unit="s/iteration", agree=f"loss {loss:.6f} (rel to plain {abs(loss - plain) / plain:.1e})",
+                        note=f"mean of {steps} steps after 2 warm-up steps"))
+    return rows
+
+
 def benchmark(ctx: BenchContext) -> list[dict]:
     work = Path(ctx.work) / "training"
     grid = ctx.pretrain_grids
@@ -153,6 +190,8 @@ def benchmark(ctx: BenchContext) -> list[dict]:
         ours, theirs, agree, model = _measure(data, authors, device, batch, steps, ctx.seed)
         rows.append(row("training", f"train iteration, batch {batch} ({device.type})", ours, theirs,
                         unit="s/iteration", agree=agree, note=f"mean of {steps} steps after a warm-up step"))
+        if device.type == "cuda":
+            rows += training_modes(data, device, batch, steps, ctx.seed)
     if ctx.ckpt is None:
         ctx.ckpt = work / "ckpt_bench.pth"
         save_sdf_checkpoint(ctx.ckpt, model, 0)

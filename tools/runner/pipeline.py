@@ -40,6 +40,9 @@ class DemoConfig:
     learning_rate: float = 1e-3
     sample_num: int = 20
     rgb_backbone: str = "tf_efficientnet_lite0"
+    rgb_weights: Optional[str] = None   # None: the backbone's default weights; "random" for machines without them
+    device: str = "cpu"                 # cut_patches.py, train_3Dmodel.py and main.py
+    background_removed: bool = False    # generate preprocessed data, skip tools/preprocessing.py (no Open3D)
     workers: int = 2
     seed: int = 0
     viz: bool = True
@@ -91,25 +94,31 @@ def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
     seed = ["--seed", str(cfg.seed)]
     classes = list(cfg.classes)
     t = {}
+    device = ["--device", cfg.device]
     t["generate"] = run_step("generate", [
-        "tools/make_synthetic_dataset.py", raw, "--classes", *classes, "--n_train", cfg.n_train, "--n_val", cfg.n_val,
-        "--n_test_good", cfg.n_test_good, "--n_test_defect", cfg.n_test_defect, "--size", cfg.size, *seed,
-        *(["--defects", *cfg.defects] if cfg.defects else [])], log, quiet)
-    t["preprocess"] = run_step("preprocess", [
-        "tools/preprocessing.py", raw, "--output_dir", pre, "--workers", cfg.workers, *seed], log, quiet)
+        "tools/make_synthetic_dataset.py", pre if cfg.background_removed else raw, "--classes", *classes,
+        "--n_train", cfg.n_train, "--n_val", cfg.n_val, "--n_test_good", cfg.n_test_good,
+        "--n_test_defect", cfg.n_test_defect, "--size", cfg.size, *seed,
+        *(["--defects", *cfg.defects] if cfg.defects else []), *(["--background_removed"] * cfg.background_removed)],
+        log, quiet)
+    if not cfg.background_removed:
+        t["preprocess"] = run_step("preprocess", [
+            "tools/preprocessing.py", raw, "--output_dir", pre, "--workers", cfg.workers, *seed], log, quiet)
     t["cut_patches"] = run_step("cut_patches", [
-        "cut_patches.py", "--datasets_path", pre, "--save_grid_path", grids, "--workers", cfg.workers, *seed], log, quiet)
+        "cut_patches.py", "--datasets_path", pre, "--save_grid_path", grids, "--workers", cfg.workers, *device,
+        *seed], log, quiet)
     t["cut_patches --pretrain"] = run_step("cut_patches --pretrain", [
         "cut_patches.py", "--datasets_path", pre, "--save_grid_path", grids, "--pretrain",
-        "--sample_num", cfg.sample_num, "--pretrain_clouds", cfg.pretrain_clouds, "--workers", cfg.workers, *seed],
-        log, quiet)
+        "--sample_num", cfg.sample_num, "--pretrain_clouds", cfg.pretrain_clouds, "--workers", cfg.workers, *device,
+        *seed], log, quiet)
     t["train_3Dmodel"] = run_step("train_3Dmodel", [
         "train_3Dmodel.py", "--grid_path", grids, "--ckpt_path", ckpts, "--epoch", cfg.epochs,
-        "--batch_size", cfg.batch_size, "--learning_rate", cfg.learning_rate, "--save_every", 1000, "--device", "cpu",
+        "--batch_size", cfg.batch_size, "--learning_rate", cfg.learning_rate, "--save_every", 1000, *device,
         *cfg.extra_train_args, *seed], log, quiet)
     ckpt = newest("*/ckpt_*.pth", ckpts)
     main_args = ["main.py", "--datasets_path", pre, "--grid_path", grids, "--ckpt_path", ckpt,
-                 "--output_dir", results, "--rgb_backbone", cfg.rgb_backbone, "--device", "cpu", *seed]
+                 "--output_dir", results, "--rgb_backbone", cfg.rgb_backbone, *device, *seed]
+    main_args += ["--rgb_weights", cfg.rgb_weights] * (cfg.rgb_weights is not None)
     main_args += ["--viz"] * cfg.viz + ["--save_maps"] * cfg.save_maps
     t["main"] = run_step("main", main_args, log, quiet)
     result_dir = newest("*-result*", results)

@@ -69,6 +69,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from core.dataset import GOOD, SPLITS
+from core.preprocessing import preprocess_arrays
 from utils.errors import DataError
 from utils.io import write_png, write_text, write_xyz
 from utils.pool import ordered_map
@@ -445,13 +446,17 @@ def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400
 
 # ----------------------------------------------------------------------------- data set
 def _write_sample(task: tuple) -> None:
-    folder, cls, split, defect, index, size, seed = task
+    folder, cls, split, defect, index, size, seed, background_removed = task
     sample = render_sample(cls, split, defect, index, size=size, seed=seed)
     stem = f"{index:03d}"
-    write_png(folder / "rgb" / f"{stem}.png", sample.rgb)
-    write_xyz(folder / "xyz" / f"{stem}.tiff", sample.xyz)
+    xyz, rgb, gt = sample.xyz, sample.rgb, sample.gt
+    if background_removed:   # what tools/preprocessing.py writes, from the known plane instead of RANSAC
+        done = preprocess_arrays(xyz, rgb, gt, plane=sample.plane, name=f"{folder}/{stem}")
+        xyz, rgb, gt = done.xyz, done.rgb, done.gt
+    write_png(folder / "rgb" / f"{stem}.png", rgb)
+    write_xyz(folder / "xyz" / f"{stem}.tiff", xyz)
     if split == "test":
-        write_png(folder / "gt" / f"{stem}.png", sample.gt)
+        write_png(folder / "gt" / f"{stem}.png", gt)
 
 
 MARKER = ".synthetic.json"  # settings of a generated class folder, written inside it
@@ -472,18 +477,20 @@ class SyntheticConfig:
     defects: list[str] = field(default_factory=lambda: list(DEFAULT_DEFECTS))
     workers: int = 1
     overwrite: bool = False
+    background_removed: bool = False
 
 
 def generate(cfg: SyntheticConfig, progress: bool = True) -> Path:
     """What ``tools/make_synthetic_dataset.py`` runs: :func:`generate_dataset` with ``cfg``'s options."""
     return generate_dataset(cfg.out, cfg.classes, cfg.n_train, cfg.n_val, cfg.n_test_good, cfg.n_test_defect,
-                            cfg.size, cfg.seed, cfg.defects, cfg.workers, cfg.overwrite, progress)
+                            cfg.size, cfg.seed, cfg.defects, cfg.workers, cfg.overwrite, progress,
+                            cfg.background_removed)
 
 
 def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", "cookie"), n_train: int = 20,
                      n_val: int = 2, n_test_good: int = 4, n_test_defect: int = 2, size: int = 400, seed: int = 0,
                      defects: Iterable[str] = DEFAULT_DEFECTS, workers: int = 1, overwrite: bool = False,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, background_removed: bool = False) -> Path:
     """Write the MVTec 3D-AD layout (SPEC 1.2) for ``classes`` under ``out``; return ``out``.
 
     ``n_test_defect`` counts per defect type; a split or defect type with count 0 gets no
@@ -492,7 +499,9 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     settings in ``out/<cls>/.synthetic.json``. An existing class folder generated with
     the same settings is kept as it is (reruns are cheap); any other existing
     ``out/<cls>`` is an error unless ``overwrite``, which replaces it once the new one
-    is complete.
+    is complete. ``background_removed`` writes the samples as ``tools/preprocessing.py`` would
+    leave them (same bytes, tested), with the generator's own plane instead of a RANSAC fit, so
+    that machines without Open3D get preprocessed data.
     """
     classes, defects = list(dict.fromkeys(classes)), list(dict.fromkeys(defects))
     for cls in classes:
@@ -508,7 +517,8 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     if size < 64 or seed < 0:
         raise SyntheticConfigError(f"need size >= 64 and seed >= 0; got size={size}, seed={seed}")
     out = Path(out)
-    settings = {cls: json.dumps({"class": cls, **counts, "size": size, "seed": seed, "defects": defects},
+    extra = {"background_removed": True} if background_removed else {}
+    settings = {cls: json.dumps({"class": cls, **counts, "size": size, "seed": seed, "defects": defects, **extra},
                                 sort_keys=True) + "\n" for cls in classes}
 
     def up_to_date(cls: str) -> bool:
@@ -528,7 +538,7 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     try:
         plan = [("train", GOOD, n_train), ("validation", GOOD, n_val), ("test", GOOD, n_test_good)]
         plan += [("test", d, n_test_defect) for d in defects]
-        tasks = [(staging / cls / split / defect, cls, split, defect, i, size, seed)
+        tasks = [(staging / cls / split / defect, cls, split, defect, i, size, seed, background_removed)
                  for cls in todo for split, defect, n in plan for i in range(n)]
         with tqdm(total=len(tasks), desc="synthetic samples", unit="sample", disable=not progress) as bar:
             for _ in ordered_map(_write_sample, tasks, workers):
