@@ -22,6 +22,7 @@ import numpy as np
 from core.inference import predict
 from core.memory import DualMemory, EncodedSample
 from utils.errors import ShapeGuidedError
+from utils.precision import FP32, Precision
 
 N_ALIGN = 25  # alignment samples per class (SPEC 7 step 1)
 
@@ -73,12 +74,13 @@ def alignment_from_maps(sdf_maps: Sequence[np.ndarray], rgb_maps: Sequence[np.nd
 
 
 def align(memory: DualMemory, sdf_model, samples: Iterable[EncodedSample],
-          times: Optional[dict] = None, progress=None) -> Alignment:
+          times: Optional[dict] = None, progress=None, precision: Precision = FP32) -> Alignment:
     """Score ``samples`` (already encoded, in alignment order) in alignment mode and
-    derive the class's ``weight``/``bias`` (SPEC 7). ``progress`` wraps the iterable (tqdm)."""
+    derive the class's ``weight``/``bias`` (SPEC 7). ``progress`` wraps the iterable (tqdm);
+    ``precision`` is the decoder's (SPEC 12.4)."""
     sdf_maps, rgb_maps = [], []
     for enc in (progress(samples) if progress else samples):
-        pred = predict(memory, sdf_model, enc, mode="alignment", times=times)
+        pred = predict(memory, sdf_model, enc, mode="alignment", times=times, precision=precision)
         sdf_maps.append(pred.sdf_map_blur)
         rgb_maps.append(pred.rgb_map_blur)
     return alignment_from_maps(sdf_maps, rgb_maps)

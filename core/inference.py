@@ -30,20 +30,24 @@ import torch.nn.functional as F
 
 from core.dataset import IMAGE_SIZE
 from core.footprint import FEATURE_SIDE, N_CELLS, footprints
-from core.memory import DualMemory, EncodedSample, SampleInput, encode_patches
+from core.memory import DualMemory, EncodedSample, SampleInput, chunk_size, encode_patches
 from core.sparse_coding import omp
 from utils.blur import blur_map
 from utils.device import Timer
+from utils.precision import FP32, Precision
 
 K_SDF = 10        # SDF neighbours per patch (SPEC 8.1, hard-coded in the reference, KEEP #22)
 K_RGB = 5         # RGB neighbours per foreground cell (SPEC 8.2)
 N_NONZERO = 3     # OMP atoms (SPEC 8.1 step 3)
 PDIST_EPS = 1e-12  # PairwiseDistance eps added to every component of the difference (KEEP #28)
-# Patches per decoder call: on CPU, 8 x 500 points keeps each (4000, 512) activation (8 MB) in
-# reused allocator memory and was fastest (95 GFLOPS vs 56 with 32 patches on 2 cores);
-# on CUDA larger batches fill the GPU.
-DECODER_CHUNK = {"cpu": 8, "cuda": 512}
+# Patches per decoder call, by (device type, dtype), measured (SPEC 12.3): on CPU, 8 x 500 points
+# keeps each (4000, 512) float32 activation (8 MB) in reused allocator memory and was fastest
+# (95 GFLOPS vs 56 with 32 patches on 2 cores); in bfloat16, 4 to 32 patches ran equally fast
+# (one core: 360 GFLOPS), 8 kept. On CUDA larger batches fill the GPU.
+DECODER_CHUNK = {("cpu", torch.float32): 8, ("cpu", torch.bfloat16): 8,
+                 ("cuda", torch.float32): 512, ("cuda", torch.bfloat16): 512}
 MODES = ("testing", "alignment")
+STAGE_NAMES = ("sdf_encode", "rgb_features", "sdf_knn_omp", "sdf_decoder", "rgb_knn_omp", "blur_fusion")  # timed stages
 
 
 @contextlib.contextmanager
@@ -59,13 +63,16 @@ def stage(times: Optional[dict], name: str, device: torch.device):
 
 @torch.no_grad()
 def encode_sample(inp: SampleInput, sdf_model, rgb_extractor, device: torch.device,
-                  times: Optional[dict] = None) -> EncodedSample:
-    """Run both feature extractors on one sample (SPEC 5, 8.1 step 1, 8.2 step 1-2)."""
+                  times: Optional[dict] = None, precision: Precision = FP32) -> EncodedSample:
+    """Run both feature extractors on one sample (SPEC 5, 8.1 step 1, 8.2 step 1-2), the networks
+    in ``precision`` (SPEC 12.4); the features come out float32."""
     with stage(times, "sdf_encode", device):
         points = inp.points.to(device)
-        feats = encode_patches(sdf_model, points)
+        with precision.region(device):
+            feats = encode_patches(sdf_model, points, dtype=precision.dtype)
     with stage(times, "rgb_features", device):
-        rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
+        with precision.region(device):
+            rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
     pixels = inp.pixels.to(device)
     with stage(times, "rgb_knn_omp", device):   # the footprints serve the RGB branch's pool (SPEC 5.1)
         indptr, cells = footprints(pixels)
@@ -142,14 +149,17 @@ def scatter_min_map(values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sdf_score_map(sdf_model, latents: torch.Tensor, points: torch.Tensor, pixels: torch.Tensor,
-                  chunk: Optional[int] = None) -> torch.Tensor:
+                  chunk: Optional[int] = None, precision: Precision = FP32) -> torch.Tensor:
     """Per-pixel minimum of |SDF| over all (patch, point) pairs (SPEC 8.1 step 5), float64 (224, 224).
 
-    One decoder pass over all patches (``chunk`` at a time) with latents (G, 128) at the
-    patch points (G, K, 3), then :func:`scatter_min_map`.
+    One decoder pass over all patches (``chunk`` at a time, default :data:`DECODER_CHUNK`) with
+    latents (G, 128) at the patch points (G, K, 3), in ``precision`` (SPEC 12.4); then
+    :func:`scatter_min_map` on the float32 |SDF|.
     """
-    chunk = chunk or DECODER_CHUNK.get(latents.device.type, DECODER_CHUNK["cpu"])
-    return scatter_min_map(sdf_model.NIF.abs_sdf(latents, points, chunk), pixels)
+    chunk = chunk or chunk_size(DECODER_CHUNK, latents.device, precision.dtype)
+    with precision.region(latents.device):
+        values = sdf_model.NIF.abs_sdf(latents, points, chunk, precision.dtype)
+    return scatter_min_map(values, pixels)
 
 
 def rgb_score_map(memory: DualMemory, enc: EncodedSample, sdf_neighbours: torch.Tensor,
@@ -168,12 +178,13 @@ def rgb_score_map(memory: DualMemory, enc: EncodedSample, sdf_neighbours: torch.
 @torch.no_grad()
 def predict(memory: DualMemory, sdf_model, enc: EncodedSample, mode: str = "testing",
             weight: Optional[float] = None, bias: Optional[float] = None,
-            times: Optional[dict] = None) -> Prediction:
+            times: Optional[dict] = None, precision: Precision = FP32) -> Prediction:
     """Score one encoded sample against the class memory (SPEC 8; alignment mode: SPEC 7).
 
     Testing mode needs the class's alignment ``weight`` and ``bias`` (SPEC 8.3).
     ``times`` (optional dict) accumulates seconds per stage: ``sdf_knn_omp``,
-    ``sdf_decoder``, ``rgb_knn_omp``, ``blur_fusion``.
+    ``sdf_decoder``, ``rgb_knn_omp``, ``blur_fusion``. ``precision``: that of the decoder
+    (SPEC 12.4); everything else runs in the dtypes of the reference.
     """
     if mode == "testing" and (weight is None or bias is None):
         raise ValueError("testing mode needs the alignment weight and bias")
@@ -184,7 +195,7 @@ def predict(memory: DualMemory, sdf_model, enc: EncodedSample, mode: str = "test
         recon, patch_scores = _sparse_reconstruct(feats, memory.sdf[sdf_nn])
         sdf_score = patch_scores.max()
     with stage(times, "sdf_decoder", device):
-        sdf_map = sdf_score_map(sdf_model, recon, enc.input.points, enc.input.pixels)
+        sdf_map = sdf_score_map(sdf_model, recon, enc.input.points, enc.input.pixels, precision=precision)
     with stage(times, "rgb_knn_omp", device):
         map28 = rgb_score_map(memory, enc, sdf_nn, mode)
         rgb_score = map28.max()

@@ -30,6 +30,7 @@ from core.dataset import IMAGE_SIZE, Sample
 from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction
 from utils.io import make_run_dir, read_tiff_shape, save_configuration, write_text, write_tiff_map
 from utils.metrics import per_defect_type
+from utils.precision import FP32, Precision
 from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
 from utils.visualization import optimal_threshold, save_heatmaps
 
@@ -47,7 +48,7 @@ class ClassResult:
     masks: np.ndarray              # (T, 224, 224) float32 {0, 1}
     metrics: dict = field(default_factory=dict)
     thresholds: Optional[tuple[float, float]] = None
-    times: dict = field(default_factory=dict)
+    times: dict = field(default_factory=dict)   # phase ("memory", "alignment", "test") -> stage -> seconds
     rgb_images: Optional[np.ndarray] = None  # (T, 224, 224, 3) uint8 inputs, kept only for --viz
     predictions: Optional[list[Prediction]] = None  # kept only with RunConfig.keep_predictions
 
@@ -58,16 +59,16 @@ def make_result_dir(output_dir: str | Path) -> Path:
 
 
 def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_weights: str,
-                        iteration: int) -> None:
+                        iteration: int, precision: Precision = FP32) -> None:
     """``Congiguration.txt``/``.pickle`` (reference attribute names, SPEC 9.1) and ``configuration.json``
-    of a run with the :class:`core.pipeline.RunConfig` ``cfg``."""
+    of a run with the :class:`core.pipeline.RunConfig` ``cfg``, with the precision that ran (SPEC 12.4)."""
     config = {
         "BS": 1, "POINT_NUM": cfg.point_num, "ckpt_path": str(cfg.ckpt_path), "classes": classes,
         "datasets_path": str(cfg.datasets_path), "dict_n_component": N_NONZERO, "grid_path": str(cfg.grid_path),
         "image_size": IMAGE_SIZE, "k_number": K_SDF, "k_rgb": K_RGB, "method_name": list(METHODS),
         "output_dir": str(result_dir), "rgb_method": "Dict", "viz": cfg.viz, "save_maps": cfg.save_maps,
         "device": str(device), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
-        "rgb_weights": rgb_weights, "sdf_checkpoint_iteration": iteration,
+        "rgb_weights": rgb_weights, "sdf_checkpoint_iteration": iteration, **precision.record(),
     }
     save_configuration(result_dir, config, pickle_protocol=2)
     write_text(result_dir / "configuration.json", json.dumps(config, indent=2) + "\n")
@@ -106,10 +107,18 @@ def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassR
             write_tiff_map(path, upsample_map(m, original_size(sample)))
 
 
-def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str]) -> str:
-    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables."""
+def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str],
+                  precision: Precision = FP32) -> str:
+    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables.
+
+    A run in reduced precision says so in both files (SPEC 12.4): ``results.txt`` starts with a
+    ``Precision:`` line (a faithful fp32 file has none, as the reference's), ``results.json`` has
+    the ``precision`` record in every run.
+    """
     metrics = {c: r.metrics for c, r in results.items()}
     tables = results_tables(metrics, classes)
+    if not precision.faithful:
+        tables = f"Precision: {precision.describe()}\n\n{tables}"
     report = results_json(metrics, classes,
                           alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
                           thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
@@ -117,6 +126,7 @@ def write_results(result_dir: Path, results: dict[str, ClassResult], classes: li
         report["classes"][c]["per_defect_type"] = {
             m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
             for m in METHODS}
+    report["precision"] = precision.record()
     report["timing_seconds"] = {c: r.times for c, r in results.items()}
     write_text(result_dir / "results.json", json.dumps(report, indent=2) + "\n")
     write_text(result_dir / "results.txt", tables)

@@ -2,7 +2,8 @@
 
 The SDF model and the RGB backbone are built once (the reference rebuilt them per class,
 SPEC 11 #36 FIX); the class memory, its alignment samples and the test loop stay on the
-compute device. Sample files are read one or two samples ahead in a background thread.
+compute device. Sample files are read one sample ahead in a background thread, which does file
+reading and decoding only; the torch part of loading runs in the main thread (SPEC 12.3).
 
 Sample orders. The reference iterates the training set through shuffled DataLoaders
 whose permutations come from torch's global RNG after ``manual_seed(seed)`` and the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from core.alignment import N_ALIGN, align
 from core.dataset import IMAGE_SIZE, Sample, list_samples, load_gt_mask, resolve_classes
 from core.inference import Prediction, encode_sample, predict
-from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
+from core.memory import DualMemory, EncodedSample, MemoryBuilder, SampleInput, read_sample_files, sample_input
 from core.outputs import ClassResult, make_result_dir, write_class_outputs, write_configuration, write_results
 from core.patch_files import POINT_NUM
 from core.rgb_features import build_rgb_extractor
@@ -37,10 +38,14 @@ from core.sdf_model import load_sdf_checkpoint
 from utils.device import resolve_device
 from utils.metrics import evaluate_method
 from utils.pool import prefetch
+from utils.precision import FP32, Precision, resolve_precision
 from utils.reporting import METHODS
 from utils.visualization import denormalize_rgb
 
-PREFETCH = 2  # samples read ahead of the computation
+# Samples read ahead of the computation, by one thread. Reading (~25 ms for an 800 x 800 sample)
+# is far shorter than computing it; torch operations started in a reading thread would start a
+# second OpenMP pool competing with the computation for the cores (SPEC 12.3).
+PREFETCH = 1
 
 
 @dataclass
@@ -59,6 +64,7 @@ class RunConfig:
     rgb_backbone: str = "wide_resnet50_2"
     rgb_weights: Optional[str] = None
     point_num: int = POINT_NUM
+    precision: str = "fp32"  # arithmetic of the networks (utils.precision; SPEC 12.4)
     keep_predictions: bool = False  # keep every test sample's full Prediction (tests, debugging)
 
 
@@ -111,25 +117,32 @@ def reference_sample_orders(n: int, seed: int = 0) -> tuple[list[int], list[int]
 class Pipeline:
     """Runs classes with one SDF model and one RGB extractor on one device."""
 
-    def __init__(self, cfg: RunConfig, sdf_model, rgb_extractor, device: torch.device):
+    def __init__(self, cfg: RunConfig, sdf_model, rgb_extractor, device: torch.device,
+                 precision: Precision = FP32):
         self.cfg = cfg
         self.sdf_model = sdf_model.to(device).eval()
         self.rgb = rgb_extractor.to(device).eval()
         self.device = device
+        self.precision = precision
 
-    def load(self, sample: Sample):
-        return load_sample_input(sample, self.cfg.grid_path, self.rgb.mean, self.rgb.std, self.cfg.point_num)
+    def read(self, sample: Sample):
+        return read_sample_files(sample, self.cfg.grid_path, self.cfg.point_num)
+
+    def inputs(self, samples: list[Sample], desc: str) -> Iterator[SampleInput]:
+        """The samples' inputs in order, files read one ahead in a thread, with a progress bar."""
+        bar = tqdm(prefetch(self.read, samples, PREFETCH), total=len(samples), desc=desc, unit="sample")
+        for files in bar:
+            yield sample_input(files, self.rgb.mean, self.rgb.std)
 
     def encode(self, inp, times: Optional[dict] = None) -> EncodedSample:
-        return encode_sample(inp, self.sdf_model, self.rgb, self.device, times)
+        return encode_sample(inp, self.sdf_model, self.rgb, self.device, times, self.precision)
 
     def fit(self, cls: str, train: list[Sample], fit_order: list[int], keep: set[int],
             times: Optional[dict] = None) -> tuple[DualMemory, dict[int, EncodedSample]]:
         """Build the class memory in ``fit_order`` (SPEC 6); return it and the encodings of ``keep``."""
         builder, kept = MemoryBuilder(), {}
         ordered = [train[i] for i in fit_order]
-        bar = tqdm(prefetch(self.load, ordered, PREFETCH), total=len(ordered), desc=f"{cls}: memory", unit="sample")
-        for i, inp in zip(fit_order, bar):
+        for i, inp in zip(fit_order, self.inputs(ordered, f"{cls}: memory")):
             enc = self.encode(inp, times)
             builder.add(enc)
             if i in keep:
@@ -139,22 +152,21 @@ class Pipeline:
     def run_class(self, cls: str) -> ClassResult:
         """fit -> align -> test loop -> metrics for one class (Appendix D)."""
         cfg = self.cfg
-        times: dict = {}
+        times: dict = {"memory": {}, "alignment": {}, "test": {}}   # seconds per phase and stage
         train = list_samples(cfg.datasets_path, cls, "train")
         test = list_samples(cfg.datasets_path, cls, "test")
         fit_order, align_order = reference_sample_orders(len(train), cfg.seed)
         align_ids = align_order[:N_ALIGN]
         with torch.no_grad():
-            memory, kept = self.fit(cls, train, fit_order, set(align_ids), times)
-            alignment = align(memory, self.sdf_model, [kept.pop(i) for i in align_ids], times,
+            memory, kept = self.fit(cls, train, fit_order, set(align_ids), times["memory"])
+            alignment = align(memory, self.sdf_model, [kept.pop(i) for i in align_ids], times["alignment"],
                               progress=lambda it: tqdm(it, total=len(align_ids), desc=f"{cls}: alignment",
-                                                       unit="sample"))
+                                                       unit="sample"), precision=self.precision)
             del kept
             preds, full = [], []
-            bar = tqdm(prefetch(self.load, test, PREFETCH), total=len(test), desc=f"{cls}: test", unit="sample")
-            for inp in bar:
-                pred = predict(memory, self.sdf_model, self.encode(inp, times), "testing",
-                               alignment.weight, alignment.bias, times)
+            for inp in self.inputs(test, f"{cls}: test"):
+                pred = predict(memory, self.sdf_model, self.encode(inp, times["test"]), "testing",
+                               alignment.weight, alignment.bias, times["test"], self.precision)
                 preds.append(self._record(inp, pred))
                 if cfg.keep_predictions:
                     full.append(pred)
@@ -189,15 +201,18 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
     """Run every class; return the result folder and the per-class results."""
     classes = resolve_classes(cfg.datasets_path, cfg.classes)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     sdf_model, iteration = load_sdf_checkpoint(cfg.ckpt_path, map_location=device)
     extractor = build_rgb_extractor(cfg.rgb_backbone, cfg.rgb_weights, device, seed=cfg.seed)
     result_dir = make_result_dir(cfg.output_dir)
-    write_configuration(result_dir, cfg, classes, device, extractor.name, iteration)
-    pipe = Pipeline(cfg, sdf_model, extractor, device)
+    write_configuration(result_dir, cfg, classes, device, extractor.name, iteration, precision)
+    pipe = Pipeline(cfg, sdf_model, extractor, device, precision)
     results: dict[str, ClassResult] = {}
     for cls in classes:
         results[cls] = res = pipe.run_class(cls)
         write_class_outputs(result_dir, res, list(results.values()), cfg.viz, cfg.save_maps)
-    tables = write_results(result_dir, results, classes)
+    tables = write_results(result_dir, results, classes, precision)
+    if precision.faithful:   # a reduced-precision results.txt carries this line itself
+        print(f"Precision: {precision.describe()}\n")
     print(tables)
     return result_dir, results

@@ -38,7 +38,7 @@ from utils.io import read_rgb
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BACKBONES", "FEATURE_SIDE",
-    "WeightsUnavailableError", "load_rgb_input", "RGBFeatureExtractor", "build_rgb_extractor",
+    "WeightsUnavailableError", "read_rgb_resized", "rgb_tensor", "load_rgb_input", "RGBFeatureExtractor", "build_rgb_extractor",
     "rename_efficientnet_lite0",
 ]
 
@@ -60,19 +60,33 @@ class WeightsUnavailableError(ShapeGuidedError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- input
+def read_rgb_resized(path: str | os.PathLike, size: int = 224) -> np.ndarray:
+    """(size, size, 3) uint8 image of a file after the reference's PIL bicubic resize (SPEC 5).
+
+    NumPy and Pillow only, no torch operation: safe to run in a reading thread while torch
+    computes (torch operations started from another thread would start their own thread pool).
+    """
+    return np.array(Image.fromarray(read_rgb(path)).resize((size, size), Image.BICUBIC))
+
+
+def rgb_tensor(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Normalised (3, H, W) float32 tensor of an (H, W, 3) uint8 image: bytes / 255, then ``(x - mean) / std``."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub(mean_t).div(std_t)
+
+
 def load_rgb_input(path: str | os.PathLike, size: int = 224,
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """Normalised (3, size, size) float32 tensor of an image file (SPEC 5, input transform).
 
     Same arithmetic as the reference's ``Resize((size, size), BICUBIC)`` (PIL), ``ToTensor``
-    and ``Normalize``: bytes / 255 in float32, then ``(x - mean) / std`` in float32.
+    and ``Normalize``: :func:`read_rgb_resized`, then :func:`rgb_tensor`.
     Raises :class:`utils.io.DataError` for a missing or unreadable file.
     """
-    rgb = Image.fromarray(read_rgb(path)).resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub(mean_t).div(std_t)
+    return rgb_tensor(read_rgb_resized(path, size), mean, std)
 
 
 # ----------------------------------------------------------------------------- extractor

@@ -1,6 +1,8 @@
 """Dual memory (SPEC 6): batched per-sample build vs the reference's global construction."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from core.dataset import Sample, list_samples
 from core.footprint import N_CELLS, footprints, patch_footprint
 from core.memory import (EncodedSample, MemoryBuilder, MissingGridError, SampleInput, encode_patches,
-                         load_sample_input)
+                         load_sample_input, read_sample_files, sample_input)
 from core.rgb_features import IMAGENET_MEAN, IMAGENET_STD
 from core.sdf_model import load_sdf_checkpoint
 
@@ -87,3 +89,28 @@ def test_encoder_features_match_reference_and_chunking(parity_dir):
     np.testing.assert_allclose(feats.numpy(), ref[:96], rtol=1e-5, atol=2e-5 * np.abs(ref).max())
     # one patch per call is the reference's exact computation: bit-identical
     np.testing.assert_array_equal(single.numpy(), ref[0:96:19])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_reading_a_sample_starts_no_torch_threads(parity_dir):
+    """SPEC 12.3: the reading half of loading runs in a thread without any torch operation, so no second
+    OpenMP pool competes with the computation; the torch half equals load_sample_input's result."""
+    sample = next(s for s in list_samples(parity_dir / "preprocessed", "torus", "test") if s.defect == "bump")
+    torch.ones(1 << 20).mul_(2)                       # the main thread's pool exists already
+
+    def threads_after(fn, *args):                     # counted inside the reading thread, whose own
+        return fn(*args), len(os.listdir("/proc/self/task"))   # OpenMP pool would live as long as it
+
+    def run_in_thread(fn, *args):
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(threads_after, fn, *args).result()
+
+    _, baseline = run_in_thread(lambda: None)
+    files, reading = run_in_thread(read_sample_files, sample, parity_dir / "grids")
+    assert reading == baseline
+    if torch.get_num_threads() > 1:                   # the check can fail: a torch op in the thread adds its pool
+        assert run_in_thread(load_sample_input, sample, parity_dir / "grids", IMAGENET_MEAN, IMAGENET_STD)[1] > baseline
+    assert isinstance(files.points, np.ndarray) and files.rgb.dtype == np.uint8 and files.rgb.shape == (224, 224, 3)
+    inp = sample_input(files, IMAGENET_MEAN, IMAGENET_STD)
+    ref = load_sample_input(sample, parity_dir / "grids", IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(inp.points, ref.points) and torch.equal(inp.rgb, ref.rgb) and torch.equal(inp.pixels, ref.pixels)
