@@ -42,8 +42,8 @@ N_NONZERO = 3     # OMP atoms (SPEC 8.1 step 3)
 PDIST_EPS = 1e-12  # PairwiseDistance eps added to every component of the difference (KEEP #28)
 # Patches per decoder call, by (device type, dtype), measured (SPEC 12.3): on CPU, 8 x 500 points
 # keeps each (4000, 512) float32 activation (8 MB) in reused allocator memory and was fastest
-# (95 GFLOPS vs 56 with 32 patches on 2 cores); in bfloat16, 4 to 32 patches ran equally fast
-# (one core: 360 GFLOPS), 8 kept. On CUDA larger batches fill the GPU.
+# (95 GFLOPS vs 56 with 32 patches on 2 cores); in bfloat16, 8 patches ran at 700 GFLOPS on 2
+# cores (4: 690, 16: 650, 32: 620). On CUDA larger batches fill the GPU.
 DECODER_CHUNK = {("cpu", torch.float32): 8, ("cpu", torch.bfloat16): 8,
                  ("cuda", torch.float32): 512, ("cuda", torch.bfloat16): 512}
 MODES = ("testing", "alignment")

@@ -34,13 +34,11 @@ from core.rgb_features import read_rgb_resized, rgb_tensor
 from utils.errors import DataError
 
 # Patches per encoder call, by (device type, dtype), measured (SPEC 12.3). The float32 (B, 1024, 500)
-# activation is 2 MB per patch. On CPU, 4 patches (8 MB buffers) is fastest and steady: with 8, glibc
-# serves the 16 MB buffers by mmap and returns them after the RGB backbone's run, so every sample
-# pays fresh page faults (1.2-1.3 s vs 0.66 s per 287-patch sample on 2 cores, measured in memory
-# building); 32-128 are slower still (cache). The float32 CPU chunk also fixes the kernels' shapes,
-# hence the faithful path's bits. bfloat16 halves the activation: 16 patches (16 MB) was as fast as
-# 32 and faster than 4 or 8 on CPU; 64 falls out of the cache. On CUDA large batches fill the GPU.
-ENCODER_CHUNK = {("cpu", torch.float32): 4, ("cpu", torch.bfloat16): 16,
+# activation is 2 MB per patch; 4 patches (8 MB) was fastest on CPU (32-128 are slower: cache), and
+# the float32 CPU chunk also fixes the kernels' shapes, hence the faithful path's bits. bfloat16
+# halves the activation: on 2 cores 8 patches ran at 520 GFLOPS, 16 at 490, 32 at 460 (one core:
+# 8-32 alike, 64 falls out of the cache). On CUDA large batches fill the GPU.
+ENCODER_CHUNK = {("cpu", torch.float32): 4, ("cpu", torch.bfloat16): 8,
                  ("cuda", torch.float32): 512, ("cuda", torch.bfloat16): 512}
 
 

@@ -2,6 +2,7 @@
 """Speed and memory of every stage against the authors' way of computing it.
 
     python tools/benchmark.py [--out bench_out] [--size 800] [--device auto] [--workers 2] [--subset 2]
+                              [--precision fp32 bf16]
 
 Generates a synthetic MVTec 3D-AD-layout data set of realistic size, then runs each stage's
 benchmark in pipeline order (preprocessing, patches, training, inference; see
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.bench.suite import STAGES, BenchConfig, run_benchmark  # noqa: E402
 from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
+from utils.precision import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
@@ -34,6 +36,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=d.precision,
+                   help="inference: also run main.py's per-class loop in each precision (fp32 always included) "
+                        "and report ms per test sample by stage, the ratio to fp32 and the fidelity against fp32")
     cfg, cli = parse_config(p, BenchConfig, argv)
     cfg.classes = split_names(cfg.classes)
     return cfg, cli
