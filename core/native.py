@@ -92,9 +92,9 @@ def native_gt(sample: Sample, frame: NativeFrame) -> np.ndarray:
 
 
 def _frame(size: tuple[int, int], raw_shape: tuple[int, int], source: str, sample: Sample, where: str,
-           padding=None) -> NativeFrame:
-    """The frame of a raw sample of ``raw_shape`` padded to ``size``; :class:`DataError` if that is not
-    what SPEC 2.1 step 4 gives (``padding``: the recorded one, checked too)."""
+           fix: str, padding=None) -> NativeFrame:
+    """The frame of a raw sample of ``raw_shape`` padded to ``size``; :class:`DataError` (ending in
+    ``fix``) if that is not what SPEC 2.1 step 4 gives (``padding``: the recorded one, checked too)."""
     expected = pad_widths(*raw_shape)
     frame = NativeFrame(size, expected, source)
     if frame.shape != tuple(raw_shape) or (padding is not None and tuple(map(tuple, padding)) != expected):
@@ -102,8 +102,7 @@ def _frame(size: tuple[int, int], raw_shape: tuple[int, int], source: str, sampl
         raise DataError(f"{where}: a raw sample of {raw_shape[0]}x{raw_shape[1]} pads to "
                         f"{raw_shape[0] + t + b}x{raw_shape[1] + l + r} (SPEC 2.1 step 4), not to the "
                         f"{size[0]}x{size[1]} of {sample.xyz}"
-                        + ("" if padding is None else f" with the recorded padding {padding}")
-                        + f"; --raw_datasets_path must be the raw data set that {sample.root} was preprocessed from")
+                        + ("" if padding is None else f" with the recorded padding {padding}") + f"; {fix}")
     return frame
 
 
@@ -126,6 +125,7 @@ def resolve_frames(samples: Iterable[Sample], raw_root: Optional[str | os.PathLi
         frame = None
         if "raw_shape" in stats and "padding" in stats:
             frame = _frame(size, tuple(stats["raw_shape"]), FROM_MANIFEST, s, f"{root / MANIFEST} ({key})",
+                           "the file changed after preprocessing; preprocess the raw sample again",
                            padding=stats["padding"])
         if raw_root is not None:
             raw_xyz = Path(raw_root) / key
@@ -138,7 +138,8 @@ def resolve_frames(samples: Iterable[Sample], raw_root: Optional[str | os.PathLi
                                 f"records {frame.shape[0]}x{frame.shape[1]} for it; --raw_datasets_path must be "
                                 f"the raw data set that {root} was preprocessed from")
             if frame is None:
-                frame = _frame(size, raw_shape, FROM_RAW, s, str(raw_xyz))
+                frame = _frame(size, raw_shape, FROM_RAW, s, str(raw_xyz),
+                               f"--raw_datasets_path must be the raw data set that {root} was preprocessed from")
         frames.append(frame or NativeFrame(size, ((0, 0), (0, 0)), FROM_NONE))
     return frames
 
@@ -152,9 +153,10 @@ def class_frame(frames: list[NativeFrame]) -> str:
 def frame_notice(datasets_path: str | os.PathLike) -> str:
     """What main.py says once when some raw sizes are unknown."""
     return (f"note: {Path(datasets_path) / MANIFEST} does not record the raw sizes of the samples (data "
-            f"preprocessed elsewhere, or by an older version) and --raw_datasets_path was not given: the --save_maps maps and the "
-            f"native-protocol metrics stay in the preprocessed (padded) frame and are labelled so. Pass "
-            f"--raw_datasets_path RAW (the data set before preprocessing) to get them at the raw sizes.")
+            f"preprocessed elsewhere, or by an older version) and --raw_datasets_path was not given: the "
+            f"--save_maps maps and the native-protocol metrics stay in the preprocessed (padded) frame and are "
+            f"labelled so. Pass --raw_datasets_path RAW (the data set before preprocessing) to get them at the "
+            f"raw sizes.")
 
 
 def native_metrics(samples: list[Sample], frames: list[NativeFrame], maps: dict[str, np.ndarray]) -> dict:

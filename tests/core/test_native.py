@@ -101,6 +101,17 @@ def test_wrong_raw_data_set_is_a_clear_error(datasets, tmp_path):
         resolve_frames(test, other)
 
 
+def test_a_manifest_that_does_not_match_the_file_is_an_error(datasets, tmp_path):
+    _, pre, _ = datasets
+    copy = tmp_path / "pre"
+    shutil.copytree(pre, copy)
+    text = (copy / MANIFEST).read_text()
+    assert text.count('"raw_shape": [200, 170]') == 6      # commit and done record of 3 samples
+    (copy / MANIFEST).write_text(text.replace('"raw_shape": [200, 170]', '"raw_shape": [200, 180]'))
+    with pytest.raises(DataError, match=r"a raw sample of 200x180 .*file changed after preprocessing"):
+        resolve_frames(list_samples(copy, "bagel", "test"))
+
+
 def test_native_metrics_equal_the_official_evaluation(datasets):
     """native_metrics on made-up 224 maps = the official transcription on the same maps at the raw
     size against the raw gt PNGs."""
