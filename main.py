@@ -1,10 +1,12 @@
 """Shape-guided dual-memory anomaly detection on MVTec 3D-AD: memory, alignment, test, metrics.
 
     python main.py --datasets_path D --grid_path G --ckpt_path CKPT [--viz] [--save_maps]
+                   [--raw_datasets_path RAW]
 
 For every class: build the dual memory from the training samples, align RGB to SDF
 scores on 25 training samples, score every test sample, and report image AUROC, pixel
-AUROC and AU-PRO for RGB, SDF and RGB_SDF (SPEC 6-10). Results go to
+AUROC and AU-PRO for RGB, SDF and RGB_SDF (SPEC 6-10), then pixel AUROC and AU-PRO of the
+official MVTec 3D-AD protocol at each raw sample's size (SPEC 9.2). Results go to
 ``<output_dir>/<timestamp>-result/``. The work is done by :mod:`core.pipeline`.
 """
 from __future__ import annotations
@@ -27,6 +29,9 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
                    help="preprocessed MVTec 3D-AD root (tools/preprocessing.py output)")
     p.add_argument("--grid_path", type=Path, required=True, help="patch files written by cut_patches.py")
     p.add_argument("--ckpt_path", type=Path, required=True, help="SDF model checkpoint (e.g. ckpt_000601.pth)")
+    p.add_argument("--raw_datasets_path", type=Path, default=None,
+                   help="the data set before preprocessing, for the raw sample sizes when --datasets_path was "
+                        "preprocessed elsewhere (without tools/preprocessing.py's manifest); not needed otherwise")
     p.add_argument("--output_dir", type=Path, default=Path("output"), help="results go to a new timestamped folder here")
     p.add_argument("--classes", nargs="+", default=None,
                    help="classes to run (default: every class folder found, MVTec order for MVTec 3D-AD)")
@@ -34,8 +39,9 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
     p.add_argument("--seed", type=int, default=0, help="seed of the training-sample orders (as the reference)")
     p.add_argument("--viz", action="store_true", help="write heatmaps and optimal thresholds (SPEC 10)")
     p.add_argument("--save_maps", action="store_true",
-                   help="write each test sample's fused map as float32 TIFF at the input resolution, in the "
-                        "layout of the official MVTec 3D-AD evaluation: anomaly_maps/<cls>/test/<defect>/<id>.tiff")
+                   help="write each test sample's fused map as float32 TIFF at the raw sample's size (padding "
+                        "cropped), in the layout of the official MVTec 3D-AD evaluation: "
+                        "anomaly_maps/<cls>/test/<defect>/<id>.tiff")
     p.add_argument("--rgb_backbone", choices=sorted(BACKBONES), default="wide_resnet50_2",
                    help="tf_efficientnet_lite0 is an offline stand-in, not the paper's backbone")
     p.add_argument("--rgb_weights", default=None,

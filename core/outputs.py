@@ -6,9 +6,10 @@ In ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result/`` (a new folder per run):
   the run's settings, written first;
 * per class, as soon as it is done: its line of ``alignment.txt``, ``<cls>/testing_state.txt``,
   with ``--viz`` the heatmaps ``<cls>/Visualization/images/NNNNNNNN.png`` and optimal
-  thresholds, with ``--save_maps`` the fused maps ``anomaly_maps/<cls>/test/<type>/<stem>.tiff``;
+  thresholds, with ``--save_maps`` the fused maps ``anomaly_maps/<cls>/test/<type>/<stem>.tiff``
+  in each sample's native frame (:mod:`core.native`), as the official evaluation reads them;
 * last: ``results.json`` (every number, unrounded) and ``results.txt`` (the reference's
-  three tables). A run that stopped early has no ``results.txt``.
+  three tables, then the native-protocol table). A run that stopped early has no ``results.txt``.
 
 Every file is written atomically (:mod:`utils.io`); the formatting lives in
 :mod:`utils.reporting` and the figures in :mod:`utils.visualization`.
@@ -21,16 +22,16 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.alignment import Alignment
 from core.dataset import IMAGE_SIZE, Sample
 from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction
-from utils.io import make_run_dir, read_tiff_shape, save_configuration, write_text, write_tiff_map
+from core.native import NativeFrame, class_frame, to_native
+from utils.io import make_run_dir, save_configuration, write_text, write_tiff_map
 from utils.metrics import per_defect_type
-from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
+from utils.reporting import (METHODS, alignment_line, native_json, native_table, results_json, results_tables,
+                             testing_state_text)
 from utils.visualization import optimal_threshold, save_heatmaps
 
 
@@ -50,6 +51,13 @@ class ClassResult:
     times: dict = field(default_factory=dict)
     rgb_images: Optional[np.ndarray] = None  # (T, 224, 224, 3) uint8 inputs, kept only for --viz
     predictions: Optional[list[Prediction]] = None  # kept only with RunConfig.keep_predictions
+    frames: list[NativeFrame] = field(default_factory=list)  # per sample, its native frame (SPEC 9.2)
+    native: dict = field(default_factory=dict)   # method -> metrics in the native frames (SPEC 9.2)
+
+    @property
+    def frame(self) -> str:
+        """The class's native frame label: 'raw', 'preprocessed' or 'mixed'."""
+        return class_frame(self.frames)
 
 
 def make_result_dir(output_dir: str | Path) -> Path:
@@ -66,6 +74,7 @@ def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_w
         "datasets_path": str(cfg.datasets_path), "dict_n_component": N_NONZERO, "grid_path": str(cfg.grid_path),
         "image_size": IMAGE_SIZE, "k_number": K_SDF, "k_rgb": K_RGB, "method_name": list(METHODS),
         "output_dir": str(result_dir), "rgb_method": "Dict", "viz": cfg.viz, "save_maps": cfg.save_maps,
+        "raw_datasets_path": None if cfg.raw_datasets_path is None else str(cfg.raw_datasets_path),
         "device": str(device), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
         "rgb_weights": rgb_weights, "sdf_checkpoint_iteration": iteration,
     }
@@ -73,21 +82,11 @@ def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_w
     write_text(result_dir / "configuration.json", json.dumps(config, indent=2) + "\n")
 
 
-def original_size(sample: Sample) -> tuple[int, int]:
-    """(H, W) of the sample's xyz TIFF, read from its header."""
-    return read_tiff_shape(sample.xyz)[:2]
-
-
-def upsample_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (align_corners=False) resize of a (224, 224) map to ``size``, float32."""
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
 def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassResult], viz: bool,
                         save_maps: bool) -> None:
     """``alignment.txt`` (rewritten with the lines of ``done``, this class last), ``<cls>/testing_state.txt``,
-    with ``viz`` the heatmaps and thresholds (stored in ``result.thresholds``), with ``save_maps`` the TIFF maps."""
+    with ``viz`` the heatmaps and thresholds (stored in ``result.thresholds``), with ``save_maps`` the TIFF maps
+    of the fused map in each sample's native frame."""
     cls = result.cls
     write_text(result_dir / "alignment.txt",
                "".join(alignment_line(r.cls, r.alignment.weight, r.alignment.bias) for r in done))
@@ -101,15 +100,18 @@ def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassR
         result.rgb_images = None
     write_text(result_dir / cls / "testing_state.txt", testing_state_text(cls, result.metrics, det, seg))
     if save_maps:
-        for sample, m in tqdm(list(zip(result.samples, result.maps["RGB_SDF"])), desc=f"{cls}: maps", unit="map"):
+        items = list(zip(result.samples, result.maps["RGB_SDF"], result.frames, strict=True))
+        for sample, m, frame in tqdm(items, desc=f"{cls}: maps", unit="map"):
             path = result_dir / "anomaly_maps" / cls / "test" / sample.defect / f"{sample.stem}.tiff"
-            write_tiff_map(path, upsample_map(m, original_size(sample)))
+            write_tiff_map(path, to_native(m, frame))
 
 
 def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str]) -> str:
     """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables."""
     metrics = {c: r.metrics for c, r in results.items()}
-    tables = results_tables(metrics, classes)
+    native = {c: r.native for c, r in results.items()}
+    frames = {c: r.frame for c, r in results.items()}
+    tables = f"{results_tables(metrics, classes)} \n\n{native_table(native, frames, classes)}"
     report = results_json(metrics, classes,
                           alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
                           thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
@@ -117,6 +119,8 @@ def write_results(result_dir: Path, results: dict[str, ClassResult], classes: li
         report["classes"][c]["per_defect_type"] = {
             m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
             for m in METHODS}
+    report["native_protocol"] = native_json(native, frames, {c: sorted({f.source for f in r.frames})
+                                                             for c, r in results.items()}, classes)
     report["timing_seconds"] = {c: r.times for c, r in results.items()}
     write_text(result_dir / "results.json", json.dumps(report, indent=2) + "\n")
     write_text(result_dir / "results.txt", tables)

@@ -13,10 +13,16 @@ float arithmetic the order changes the last bits of sums (NumPy's alignment stat
 summation order in nothing else), and the alignment subset itself when a class has more
 than 25 training samples. Test samples are processed in sorted order (SPEC 11 #18 FIX).
 
+Besides the paper's metrics on 224 x 224 maps (SPEC 9), every class is scored with the
+official MVTec 3D-AD protocol at native resolution (SPEC 9.2, :mod:`core.native`): the
+native frames of the test samples are resolved before any computation, so a wrong
+``--raw_datasets_path`` stops the run at once.
+
 What is written, and where, is :mod:`core.outputs`.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,13 +34,15 @@ from tqdm import tqdm
 
 from core.alignment import N_ALIGN, align
 from core.dataset import IMAGE_SIZE, Sample, list_samples, load_gt_mask, resolve_classes
-from core.inference import Prediction, encode_sample, predict
+from core.inference import Prediction, encode_sample, predict, stage
 from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
+from core.native import FROM_NONE, NativeFrame, frame_notice, native_metrics, resolve_frames
 from core.outputs import ClassResult, make_result_dir, write_class_outputs, write_configuration, write_results
 from core.patch_files import POINT_NUM
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
 from utils.device import resolve_device
+from utils.errors import DataError
 from utils.metrics import evaluate_method
 from utils.pool import prefetch
 from utils.reporting import METHODS
@@ -50,6 +58,7 @@ class RunConfig:
     datasets_path: Path
     grid_path: Path
     ckpt_path: Path
+    raw_datasets_path: Optional[Path] = None  # the data set before preprocessing (raw sizes, SPEC 9.2)
     output_dir: Path = Path("output")
     classes: Optional[list[str]] = None
     device: str = "auto"
@@ -136,12 +145,12 @@ class Pipeline:
                 kept[i] = enc
         return builder.build(), kept
 
-    def run_class(self, cls: str) -> ClassResult:
-        """fit -> align -> test loop -> metrics for one class (Appendix D)."""
+    def run_class(self, cls: str, test: list[Sample], frames: list[NativeFrame]) -> ClassResult:
+        """fit -> align -> test loop -> metrics for one class (Appendix D); ``test`` are its test
+        samples, ``frames`` their native frames (SPEC 9.2)."""
         cfg = self.cfg
         times: dict = {}
         train = list_samples(cfg.datasets_path, cls, "train")
-        test = list_samples(cfg.datasets_path, cls, "test")
         fit_order, align_order = reference_sample_orders(len(train), cfg.seed)
         align_ids = align_order[:N_ALIGN]
         with torch.no_grad():
@@ -170,10 +179,12 @@ class Pipeline:
             masks=np.stack([load_gt_mask(s, IMAGE_SIZE) for s in test]),
             times=times,
             rgb_images=np.stack([p["rgb_image"] for p in preds]) if cfg.viz else None,
-            predictions=full if cfg.keep_predictions else None)
+            predictions=full if cfg.keep_predictions else None, frames=frames)
         for method in METHODS:
             result.metrics[method] = evaluate_method(result.labels, result.scores[method], result.masks,
                                                      result.maps[method])
+        with stage(times, "native_metrics", torch.device("cpu")):
+            result.native = native_metrics(test, frames, result.maps)
         return result
 
     def _record(self, inp, pred: Prediction) -> dict:
@@ -188,6 +199,13 @@ class Pipeline:
 def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
     """Run every class; return the result folder and the per-class results."""
     classes = resolve_classes(cfg.datasets_path, cfg.classes)
+    if cfg.raw_datasets_path is not None and not Path(cfg.raw_datasets_path).is_dir():
+        raise DataError(f"{cfg.raw_datasets_path}: --raw_datasets_path is not a folder; name the data set "
+                        f"before preprocessing (or leave the flag out)")
+    tests = {cls: list_samples(cfg.datasets_path, cls, "test") for cls in classes}
+    frames = {cls: resolve_frames(tests[cls], cfg.raw_datasets_path) for cls in classes}
+    if any(f.source == FROM_NONE for fs in frames.values() for f in fs):
+        print(frame_notice(cfg.datasets_path), file=sys.stderr)
     device = resolve_device(cfg.device)
     sdf_model, iteration = load_sdf_checkpoint(cfg.ckpt_path, map_location=device)
     extractor = build_rgb_extractor(cfg.rgb_backbone, cfg.rgb_weights, device, seed=cfg.seed)
@@ -196,7 +214,7 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
     pipe = Pipeline(cfg, sdf_model, extractor, device)
     results: dict[str, ClassResult] = {}
     for cls in classes:
-        results[cls] = res = pipe.run_class(cls)
+        results[cls] = res = pipe.run_class(cls, tests[cls], frames[cls])
         write_class_outputs(result_dir, res, list(results.values()), cfg.viz, cfg.save_maps)
     tables = write_results(result_dir, results, classes)
     print(tables)

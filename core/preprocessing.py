@@ -15,7 +15,9 @@ layout. It never damages the data set:
   their targets and a ``done`` record is appended. A restart rolls an interrupted commit
   forward (renames what is left, checking hashes) and discards uncommitted temporary
   files, so an in-place run never reprocesses already-modified inputs. Finished samples
-  are skipped: a second run changes no byte.
+  are skipped: a second run changes no byte. Each record also holds the sample's statistics,
+  among them its raw size and padding, from which main.py maps results back to the raw
+  frame (SPEC 9.2).
 * A data set whose borders are already empty (preprocessed before, without a manifest)
   is refused with a message saying so.
 * A failing sample (unreadable file, too few valid border points, nothing left after the
@@ -101,11 +103,16 @@ class Preprocessed:
     kept: int                       # valid points left
     clusters: int                   # DBSCAN clusters found (noise excluded)
     kept_label: int                 # the label kept (-1 = noise, KEEP #4)
+    raw_shape: tuple[int, int]      # (H, W) of the input sample
+    padding: tuple[tuple[int, int], tuple[int, int]]   # ((top, bottom), (left, right)), SPEC 2.1 step 4
 
     def stats(self) -> dict:
+        """What the manifest records of the sample; ``raw_shape`` and ``padding`` give main.py the
+        raw frame of each preprocessed sample (SPEC 9.2)."""
         return dict(plane=[float(v) for v in self.plane], removed_plane=self.removed_plane,
                     removed_cluster=self.removed_cluster, kept=self.kept, clusters=self.clusters,
-                    kept_label=self.kept_label)
+                    kept_label=self.kept_label, raw_shape=list(self.raw_shape),
+                    padding=[list(p) for p in self.padding])
 
 
 def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray] = None, seed: Optional[int] = 0,
@@ -154,7 +161,7 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
         xyz=pad_to_square(out_xyz.reshape(xyz.shape)), rgb=pad_to_square(out_rgb.reshape(rgb.shape)),
         gt=None if gt is None else pad_to_square(gt), plane=plane,
         removed_plane=int(np.count_nonzero(removed & valid)), removed_cluster=len(drop), kept=int(keep.sum()),
-        clusters=int(labels.max()) + 1, kept_label=int(labels[keep][0]))
+        clusters=int(labels.max()) + 1, kept_label=int(labels[keep][0]), raw_shape=(h, w), padding=pad_widths(h, w))
 
 
 # ----------------------------------------------------------------------------- data set: files and manifest

@@ -17,20 +17,26 @@ Measured residuals against ``expected/`` (all explained by float32 rounding, non
   it (SPEC 11 #29, fixed here).
 * blurred maps (all four kinds): every pixel within one 8-bit level of its map's maximum.
 * alignment weight/bias: 1.4e-5 / 2.4e-4 relative (near-ties as above, in alignment mode).
-* results.txt, testing_state.txt: identical.
+* results.txt (its three tables), testing_state.txt: identical. results.txt then has the
+  native-protocol table (SPEC 9.2), checked against the official evaluation's computation.
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 import main as main_cli
-from core.outputs import upsample_map
+from core.native import FROM_RAW
 from core.pipeline import run
+from tests import official_evaluation as official
+from utils.io import read_gray
+from utils.reporting import METHODS, NATIVE_TITLE
 
 CLS = "torus"
 
@@ -45,7 +51,8 @@ def _argv(parity_dir, out, *extra):
 @pytest.fixture(scope="module")
 def parity_run(parity_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("parity_out")
-    cfg, _ = main_cli.parse_args(_argv(parity_dir, out, "--viz", "--save_maps"))
+    cfg, _ = main_cli.parse_args(_argv(parity_dir, out, "--viz", "--save_maps",
+                                       "--raw_datasets_path", str(parity_dir / "raw")))
     cfg.keep_predictions = True
     result_dir, results = run(cfg)
     assert result_dir.parent == out and re.fullmatch(r"\d{4}(-\d\d){5}-result", result_dir.name)
@@ -58,9 +65,15 @@ def parity_run(parity_dir, tmp_path_factory):
     return result_dir, res, expected, inter, order
 
 
+def _upsample(m, size):
+    return torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear",
+                                           align_corners=False)[0, 0].numpy()
+
+
 def test_result_files_equal_reference(parity_run, parity_dir):
     result_dir, *_ = parity_run
-    assert (result_dir / "results.txt").read_text() == (parity_dir / "expected" / "results.txt").read_text()
+    text = (result_dir / "results.txt").read_text()
+    assert text.startswith((parity_dir / "expected" / "results.txt").read_text() + " \n\n" + NATIVE_TITLE)
     state = (result_dir / CLS / "testing_state.txt").read_text().splitlines(keepends=True)
     assert state[0].startswith("Optimal DET Threshold: ") and state[1].startswith("Optimal SEG Threshold: ")
     assert "".join(state[2:]) == (parity_dir / "expected" / CLS / "testing_state.txt").read_text()
@@ -118,13 +131,35 @@ def test_intermediates(parity_run):
     assert mismatched_cells <= 0.005 * fg_cells
 
 
+def test_native_protocol_table_and_json(parity_run, parity_dir):
+    """The fourth table and results.json's native section equal the official evaluation's computation
+    on the maps upsampled to 400 x 400 (the raw size: nothing is padded) against the raw gt PNGs."""
+    result_dir, res, *_ = parity_run
+    assert [f.source for f in res.frames] == [FROM_RAW] * len(res.samples) and res.frame == "raw"
+    gts = [read_gray(parity_dir / "raw" / CLS / "test" / s.defect / "gt" / f"{s.stem}.png") for s in res.samples]
+    report = json.loads((result_dir / "results.json").read_text())["native_protocol"]
+    assert report["classes"][CLS]["frame"] == "raw" and report["classes"][CLS]["raw_sizes_from"] == ["raw data set"]
+    table = (result_dir / "results.txt").read_text().split(NATIVE_TITLE)[1]
+    assert table.startswith(", maps and gt at each raw sample's size \n\n")
+    rows = dict(re.findall(r"^\| (\S+)\s*\|\s*([0-9.]+)\s*\|", table, re.M))
+    for method in METHODS:
+        want = official.evaluate(gts, [_upsample(m, (400, 400)) for m in res.maps[method]])
+        got = report["classes"][CLS]["metrics"][method]
+        assert got["pixel_auroc"] == pytest.approx(want["pixel_auroc"], abs=1e-9)
+        assert got["image_auroc_map_max"] == pytest.approx(want["image_auroc"], abs=1e-9)
+        assert float(rows[f"{method}_Pixel_ROCAUC"]) == round(want["pixel_auroc"], 3)
+        for limit, value in want["au_pro"].items():
+            assert got["au_pro"][str(limit)] == pytest.approx(value, abs=1e-9)
+            assert float(rows[f"{method}_AU_PRO_{limit}"]) == round(value, 3)
+
+
 def test_saved_maps_and_heatmaps(parity_run, parity_dir):
     result_dir, res, *_ = parity_run
     for sample, fused in zip(res.samples, res.maps["RGB_SDF"]):
         path = result_dir / "anomaly_maps" / CLS / "test" / sample.defect / f"{sample.stem}.tiff"
         saved = tifffile.imread(path)
         assert saved.dtype == np.float32 and saved.shape == tifffile.imread(sample.xyz).shape[:2] == (400, 400)
-        np.testing.assert_array_equal(saved, upsample_map(fused, (400, 400)))
+        np.testing.assert_array_equal(saved, _upsample(fused, (400, 400)))
     images = sorted((result_dir / CLS / "Visualization" / "images").glob("*.png"))
     assert [p.name for p in images] == [f"{i:08d}.png" for i in range(len(res.samples))]
 
@@ -152,6 +187,18 @@ def test_bad_checkpoint(parity_dir, tmp_path, capsys):
     argv[argv.index("--ckpt_path") + 1] = str(ckpt)
     rc, err = _run_cli(capsys, argv)
     assert rc == 2 and str(ckpt) in err and "checkpoint" in err
+    # the fixture was preprocessed by the authors' script (no manifest) and no raw data set is named
+    assert err.count("stay in the preprocessed (padded) frame") == 1 and "--raw_datasets_path RAW" in err
+
+
+def test_wrong_raw_data_set(parity_dir, tmp_path, capsys):
+    (tmp_path / "raw" / CLS).mkdir(parents=True)
+    rc, err = _run_cli(capsys, _argv(parity_dir, tmp_path / "out", "--raw_datasets_path", str(tmp_path / "raw")))
+    missing = tmp_path / "raw" / CLS / "test" / "bump" / "xyz" / "000.tiff"
+    assert rc == 2 and f"{missing}: not found; --raw_datasets_path must be the raw data set" in err
+    rc, err = _run_cli(capsys, _argv(parity_dir, tmp_path / "out", "--raw_datasets_path", str(tmp_path / "none")))
+    assert rc == 2 and str(tmp_path / "none") in err
+    assert not list((tmp_path / "out").glob("*"))   # stopped before anything was written
 
 
 def test_weights_unavailable(parity_dir, tmp_path, capsys, monkeypatch):

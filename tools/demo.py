@@ -31,7 +31,8 @@ def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
     p.add_argument("--n_train", type=int, default=d.n_train)
     p.add_argument("--n_test_good", type=int, default=d.n_test_good)
     p.add_argument("--n_test_defect", type=int, default=d.n_test_defect, help="per defect type")
-    p.add_argument("--size", type=int, default=d.size, help="image side in pixels")
+    p.add_argument("--size", type=int, nargs="+", default=d.size, metavar=("H", "W"),
+                   help="image size H W, or one side (default: each class's own, see make_synthetic_dataset.py)")
     p.add_argument("--epoch", dest="epochs", type=int, default=d.epochs,
                    help="train_3Dmodel.py --epoch (runs epoch+1 passes)")
     p.add_argument("--workers", type=int, default=d.workers)
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
           + f"; total {sum(res.seconds.values()):.0f} s")
     print(f"Results:   {res.result_dir}/results.txt (and results.json)")
     print(f"Heatmaps:  {res.result_dir}/<class>/Visualization/images/")
-    print(f"Maps:      {res.result_dir}/anomaly_maps/ (float32 TIFF per test sample, original resolution)")
+    print(f"Maps:      {res.result_dir}/anomaly_maps/ (float32 TIFF per test sample at its raw size, for the "
+          f"official MVTec 3D-AD evaluation with --dataset_base_dir {res.out / 'raw'})")
     return 0
 
 

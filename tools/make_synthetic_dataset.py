@@ -2,12 +2,14 @@
 """Generate a synthetic data set in the MVTec 3D-AD layout (SPEC 1; generator: tools/synthetic/mvtec.py).
 
     python tools/make_synthetic_dataset.py OUT [--classes bagel cookie] [--n_train 20] [--n_val 2]
-        [--n_test_good 4] [--n_test_defect 2] [--size 400] [--seed 0] [--defects dent bump stain crack]
+        [--n_test_good 4] [--n_test_defect 2] [--size H [W]] [--seed 0] [--defects dent bump stain crack]
 
 Writes OUT/<cls>/{train,validation}/good/{rgb,xyz}, OUT/<cls>/test/good/{rgb,xyz,gt} and
 OUT/<cls>/test/<defect>/{rgb,xyz,gt} with files NNN.png / NNN.tiff. --n_test_defect counts per
-defect type. Rerunning with the same settings keeps the finished classes; a class folder made
-otherwise is only replaced with --overwrite.
+defect type. --size H W makes H x W images (one value: square); without it each class has its
+default size (400 x 400; rope 330 x 370, not square and no multiple of 100). Rerunning with
+the same settings keeps the finished classes; a class folder made otherwise is only replaced
+with --overwrite.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.synthetic.mvtec import CLASSES, DEFAULT_DEFECTS, DEFECTS, SyntheticConfig, generate  # noqa: E402
+from tools.synthetic.mvtec import (CLASSES, DEFAULT_DEFECTS, DEFAULT_SHAPES, DEFAULT_SIDE, DEFECTS,  # noqa: E402
+                                   SyntheticConfig, generate)
 from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
 
 
@@ -31,7 +34,10 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     p.add_argument("--n_test_good", "--n-test-good", type=int, default=4, help="good test samples per class")
     p.add_argument("--n_test_defect", "--n-test-defect", type=int, default=2,
                    help="test samples per defect type and class")
-    p.add_argument("--size", type=int, default=400, help="image side H (images are H x H)")
+    defaults = ", ".join(f"{c} {h} x {w}" for c, (h, w) in DEFAULT_SHAPES.items())
+    p.add_argument("--size", type=int, nargs="+", default=None, metavar=("H", "W"),
+                   help=f"image size H W, or one side for square images (default: per class, "
+                        f"{DEFAULT_SIDE} x {DEFAULT_SIDE}; {defaults})")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--defects", nargs="+", default=list(DEFAULT_DEFECTS),
                    help=f"defect types, from: {', '.join(DEFECTS)}")

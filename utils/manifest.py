@@ -42,6 +42,35 @@ def staging_path(target: str | os.PathLike, suffix: str) -> Path:
     return target.with_name(f".{target.name}{suffix}")
 
 
+def _parse(path: Path) -> tuple[dict[str, dict], list[str], bool]:
+    """(last record per job, the good lines, whether the file needs rewriting) of a manifest file."""
+    records: dict[str, dict] = {}
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    good = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not {"sample", "state", "files"} <= record.keys():
+                raise ValueError("not a manifest record")
+        except ValueError as exc:
+            if number == len(lines):  # the last line, torn by an interruption: drop it
+                break
+            raise DataError(f"{path}: corrupt manifest line {number} ({exc}); "
+                            f"remove the line or the manifest to continue") from exc
+        good.append(line)
+        records[record["sample"]] = record
+    return records, good, bool(text) and not text.endswith("\n")
+
+
+def read_records(path: str | os.PathLike) -> dict[str, dict]:
+    """The last record of every job in the manifest file ``path`` ({} if there is none), read only."""
+    path = Path(path)
+    return _parse(path)[0] if path.exists() else {}
+
+
 class Manifest:
     """Append-only JSON-lines log ``<root>/<name>`` of committed and finished jobs (module docstring)."""
 
@@ -52,24 +81,8 @@ class Manifest:
         self.records: dict[str, dict] = {}
         if not self.path.exists():
             return
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        good = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not {"sample", "state", "files"} <= record.keys():
-                    raise ValueError("not a manifest record")
-            except ValueError as exc:
-                if number == len(lines):  # the last line, torn by an interruption: drop it
-                    break
-                raise DataError(f"{self.path}: corrupt manifest line {number} ({exc}); "
-                                f"remove the line or the manifest to continue") from exc
-            good.append(line)
-            self.records[record["sample"]] = record
-        if not text.endswith("\n") and text:  # make the next append start on a fresh line
+        self.records, good, torn = _parse(self.path)
+        if torn:  # make the next append start on a fresh line
             write_text(self.path, "".join(f"{line}\n" for line in good))
 
     def exists(self) -> bool:

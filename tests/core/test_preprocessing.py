@@ -105,6 +105,8 @@ def test_sample_acceptance_on_non_square_synthetic():
     np.testing.assert_array_equal(out_rgb[~valid_in], rgb[~valid_in])     # missing 3D keeps its colour
     assert (~valid_in).sum() > 100
     assert result.removed_plane + result.removed_cluster + result.kept == valid_in.sum()
+    assert result.raw_shape == (250, 310) and result.padding == ((75, 75), (45, 45))
+    assert result.stats()["raw_shape"] == [250, 310] and result.stats()["padding"] == [[75, 75], [45, 45]]
 
 
 @pytest.mark.parametrize("cls", ["bagel", "cookie", "potato"])  # the three object families
@@ -178,6 +180,10 @@ def test_output_dir_leaves_source_untouched_and_copies_the_rest(raw, reference_r
     for record in records[1::2]:
         for rel, sha in record["files"].items():
             assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == sha
+        # the raw size and padding, for main.py's native frame (SPEC 9.2)
+        cropped_sample = record["sample"] == "bagel/train/good/xyz/001.tiff"
+        assert record["stats"]["raw_shape"] == ([150, 200] if cropped_sample else [200, 200])
+        assert record["stats"]["padding"] == ([[25, 25], [0, 0]] if cropped_sample else [[0, 0], [0, 0]])
     assert not [p for p in out.rglob("*") if p.name.endswith(prep.TMP_SUFFIX)]
     mode = (raw / "bagel/train/good/xyz/000.tiff").stat().st_mode
     assert (out / "bagel/train/good/xyz/000.tiff").stat().st_mode == mode

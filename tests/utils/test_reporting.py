@@ -113,3 +113,17 @@ def test_results_json(parity_results):
     assert back["mean"]["RGB"]["image_auroc"] is None  # NaN propagates into the mean
     assert back["pro_limits"] == list(PRO_LIMITS) and back["methods"] == list(METHODS)
     assert not math.isnan(back["mean"]["SDF"]["pixel_auroc"])
+
+
+def test_native_table_titles_name_the_frame():
+    native = fake_results(lambda cls, m, metric: 0.5 if metric in ("image", "pixel") else metric)
+    native = {c: {m: {"pixel_auroc": r["pixel_auroc"], "au_pro": r["au_pro"], "image_auroc": 0.5}
+                  for m, r in per.items()} for c, per in native.items()}
+    classes = ["bagel", "cable_gland"]
+    raw = reporting.native_table(native, {"bagel": "raw", "cable_gland": "raw"}, classes)
+    assert raw.startswith(f"{reporting.NATIVE_TITLE}, maps and gt at each raw sample's size \n\n| Method ")
+    assert "| RGB_AU_PRO_0.07      |    0.07 |          0.07 |   0.07 |" in raw
+    pre = reporting.native_table(native, {"bagel": "preprocessed", "cable_gland": "preprocessed"}, classes)
+    assert pre.splitlines()[0].endswith("maps and gt in the preprocessed, padded frame: raw sizes unknown ")
+    mixed = reporting.native_frame_text({"bagel": "raw", "cable_gland": "preprocessed"}, classes)
+    assert mixed == "frame per class: Bagel raw, Cable_Gland preprocessed"

@@ -27,13 +27,14 @@ class StepFailed(RuntimeError):
 class DemoConfig:
     """Sizes and schedule of a synthetic end-to-end run."""
 
-    classes: list[str] = field(default_factory=lambda: ["bagel", "cookie"])
+    # rope: not square, no multiple of 100 (330 x 370 by default), as some MVTec 3D-AD samples
+    classes: list[str] = field(default_factory=lambda: ["bagel", "cookie", "rope"])
     n_train: int = 10
     n_val: int = 1
     n_test_good: int = 4
     n_test_defect: int = 2          # per defect type (dent, bump, stain, crack)
     defects: list[str] = field(default_factory=list)   # empty: the generator's default set
-    size: int = 400
+    size: Optional[list[int]] = None   # [side] or [H, W]; None: each class's default size
     pretrain_clouds: int = 3        # the authors use 20; a short CPU schedule uses fewer
     epochs: int = 1                 # authors' semantics: --epoch E runs E + 1 passes
     batch_size: int = 16
@@ -93,7 +94,8 @@ def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
     t = {}
     t["generate"] = run_step("generate", [
         "tools/make_synthetic_dataset.py", raw, "--classes", *classes, "--n_train", cfg.n_train, "--n_val", cfg.n_val,
-        "--n_test_good", cfg.n_test_good, "--n_test_defect", cfg.n_test_defect, "--size", cfg.size, *seed,
+        "--n_test_good", cfg.n_test_good, "--n_test_defect", cfg.n_test_defect,
+        *(["--size", *cfg.size] if cfg.size else []), *seed,
         *(["--defects", *cfg.defects] if cfg.defects else [])], log, quiet)
     t["preprocess"] = run_step("preprocess", [
         "tools/preprocessing.py", raw, "--output_dir", pre, "--workers", cfg.workers, *seed], log, quiet)

@@ -4,8 +4,8 @@ Each sample is what a structured-light sensor about 0.4 m away sees of one objec
 on a background plane tilted by 1.5-4 degrees that fills every other pixel:
 
 * ``xyz``: float32 (H, W, 3) organised cloud in metres from a pinhole camera (focal length
-  ``3 * size`` pixels, so the field of view is about 13 cm at every ``size``); ``x = u * z``,
-  ``y = v * z``. Depth noise is Gaussian, sigma 0.15 mm. Sensor dropouts are stored as
+  ``3 * min(H, W)`` pixels, so the shorter side sees about 13 cm at every size and the longer
+  side proportionally more of the plane); ``x = u * z``, ``y = v * z``. Depth noise is Gaussian, sigma 0.15 mm. Sensor dropouts are stored as
   exactly ``(0, 0, 0)`` (SPEC 1.2): isolated speckles, a few small blobs (on plane and
   object) and about half of the pixels on steep slopes (object silhouettes).
 * ``rgb``: uint8 (H, W, 3); a textured object of the class colour on a dark grey plane,
@@ -17,8 +17,10 @@ the optical axis): every pixel's ray meets the plane at depth ``z_plane``; an ob
 height ``h`` there moves the point ``h`` towards the camera along the same ray
 (``z = z_plane - h``). Every object pixel is at least about 6 mm above the plane (rims
 are steep walls), every plane pixel is within the noise of it, so the plane removal of
-SPEC 2.1 (5 mm) removes exactly the plane pixels. Objects cover about 23-32 % of the
-image and, from ``size`` 400 up, stay clear of the 10-pixel border strips of the plane fit.
+SPEC 2.1 (5 mm) removes exactly the plane pixels. Objects cover about 23-32 % of a square
+image and stay clear of the 10-pixel border strips of the plane fit (the tests check it at
+160-400 px, square and not). Images need not be square: MVTec 3D-AD samples are not all
+square, nor multiples of 100 px, so one class (:data:`DEFAULT_SHAPES`) has such a default.
 Three families (:data:`FAMILIES`): ``torus`` (bagel-like), ``disc`` (cookie-like),
 ``blob`` (potato-like); every MVTec class name maps to one (:data:`CLASSES`), which also
 gives its colour. Pose, size, outline, surface lumps and texture vary per sample.
@@ -43,11 +45,15 @@ defect-free geometry.
 
 Public API::
 
-    render_sample(cls, split, defect, index, size=400, seed=0, with_defect=True) -> SyntheticSample
+    render_sample(cls, split, defect, index, size=None, seed=0, with_defect=True) -> SyntheticSample
     generate_dataset(out, classes=("bagel", "cookie"), n_train=20, n_val=2, n_test_good=4,
-                     n_test_defect=2, size=400, seed=0, defects=DEFAULT_DEFECTS,
+                     n_test_defect=2, size=None, seed=0, defects=DEFAULT_DEFECTS,
                      workers=1, overwrite=False, progress=True) -> Path
     family_of(cls) -> str
+    image_shape(size) -> (H, W);  default_shape(cls) -> (H, W)
+
+``size`` is one side (a square image, as before) or ``(H, W)``; ``None`` takes the class's
+default (:data:`DEFAULT_SHAPES`, else 400 x 400).
 
 ``SyntheticSample.object_mask`` / ``plane_mask`` are the valid (non-dropout) pixels of
 the object and of the plane; ``plane`` is the noise-free plane ``(a, b, c, d)`` with unit
@@ -62,7 +68,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -101,6 +107,13 @@ DEFECTS: dict[str, str] = {
 }
 DEFAULT_DEFECTS = ("dent", "bump", "stain", "crack")
 
+#: default image size (H, W) of a class; classes not listed are DEFAULT_SIDE x DEFAULT_SIDE.
+#: ``rope`` is not square and its sides are no multiples of 100, as some MVTec 3D-AD samples,
+#: so preprocessing pads it (to 400 x 400: 35 rows, 15 columns on each side).
+DEFAULT_SIDE = 400
+DEFAULT_SHAPES: dict[str, tuple[int, int]] = {"rope": (330, 370)}
+MIN_SIDE = 64
+
 # ----------------------------------------------------------------------------- scene constants (metres)
 NOISE_SIGMA = 1.5e-4          # depth noise
 MIN_DEFECT_HEIGHT = 6.5e-3    # every defect pixel stays this high above the plane
@@ -132,6 +145,27 @@ def family_of(cls: str) -> str:
     if cls not in CLASSES:
         raise SyntheticConfigError(f"unknown class {cls!r}; known classes: {', '.join(sorted(CLASSES))}")
     return CLASSES[cls][0]
+
+
+def default_shape(cls: str) -> tuple[int, int]:
+    """The class's default image size (H, W)."""
+    family_of(cls)
+    return DEFAULT_SHAPES.get(cls, (DEFAULT_SIDE, DEFAULT_SIDE))
+
+
+def image_shape(size) -> tuple[int, int]:
+    """(H, W) of a ``size`` given as one side (square), ``(side,)`` or ``(H, W)``.
+
+    :class:`SyntheticConfigError` for anything else or a side below :data:`MIN_SIDE`.
+    """
+    sides = [size] if np.isscalar(size) else list(size)
+    if len(sides) not in (1, 2) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                            for v in sides):
+        raise SyntheticConfigError(f"size (--size) must be one side or H W, in pixels; got {size!r}")
+    h, w = (int(sides[0]), int(sides[-1]))
+    if min(h, w) < MIN_SIDE:
+        raise SyntheticConfigError(f"size (--size): need image sides >= {MIN_SIDE} px; got {h} x {w}")
+    return h, w
 
 
 def _check_defect(defect: str) -> None:
@@ -377,10 +411,12 @@ def _place_defect(rng: np.random.Generator, name: str, height: np.ndarray, pitch
 
 
 # ----------------------------------------------------------------------------- rendering
-def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400, seed: int = 0,
+def render_sample(cls: str, split: str, defect: str, index: int, size=None, seed: int = 0,
                   with_defect: bool = True) -> SyntheticSample:
     """Render sample ``<cls>/<split>/<defect>/<index:03d>`` of the data set for ``seed``.
 
+    ``size``: one side (square), ``(H, W)``, or None for the class default (:func:`default_shape`).
+    A square size renders exactly what it rendered before non-square sizes existed.
     ``with_defect=False`` renders the same sample (same object, texture, noise, dropouts)
     without its defect; its ``gt`` is then all zero.
     """
@@ -390,24 +426,24 @@ def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400
         raise SyntheticConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
     if split != "test" and defect != GOOD:
         raise SyntheticConfigError(f"split {split!r} holds only {GOOD!r} samples, got defect {defect!r}")
-    if size < 64 or index < 0 or seed < 0:
-        raise SyntheticConfigError(f"need size >= 64, index >= 0, seed >= 0; got {size}, {index}, {seed}")
+    shape = default_shape(cls) if size is None else image_shape(size)
+    if index < 0 or seed < 0:
+        raise SyntheticConfigError(f"need index >= 0 and seed >= 0; got {index}, {seed}")
     shape_rng, sensor_rng, defect_rng = _sample_rngs(seed, cls, split, defect, index)
     base = np.array(CLASSES[cls][1], float)
-    shape = (size, size)
 
     # Camera rays and the tilted plane z = z0 + gx x + gy y. The scene (object, textures)
     # lives on the image grid scaled to the plane's depth on the optical axis: ``pitch``
-    # metres per pixel.
-    focal = 3.0 * size
-    centre = (size - 1) / 2 + 0.3  # off the pixel grid, so no x or y is exactly zero
-    ray = (np.arange(size) - centre) / focal
+    # metres per pixel. The optical axis is at the image centre (row, col).
+    focal = 3.0 * min(shape)
+    centre = (np.array(shape) - 1) / 2 + 0.3  # off the pixel grid, so no x or y is exactly zero
+    ray_r, ray_c = ((np.arange(n) - c) / focal for n, c in zip(shape, centre))
     z0 = shape_rng.uniform(0.375, 0.395)
     tilt, tilt_dir = np.radians(shape_rng.uniform(1.5, 4.0)), shape_rng.uniform(0, 2 * np.pi)
     gx, gy = np.tan(tilt) * np.cos(tilt_dir), np.tan(tilt) * np.sin(tilt_dir)
-    z_plane = z0 / (1 - gx * ray[None, :] - gy * ray[:, None])
+    z_plane = z0 / (1 - gx * ray_c[None, :] - gy * ray_r[:, None])
     pitch = z0 / focal
-    scene = _Frame(shape, np.array([-centre, -centre]) * pitch, np.array([0.0, pitch]), np.array([pitch, 0.0]))
+    scene = _Frame(shape, -centre[::-1] * pitch, np.array([0.0, pitch]), np.array([pitch, 0.0]))
 
     # object: height field in object-local coordinates, texture; background texture
     shift, rot = shape_rng.uniform(-0.005, 0.005, 2), shape_rng.uniform(0, 2 * np.pi)
@@ -425,7 +461,7 @@ def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400
     gy_h, gx_h = np.gradient(height, pitch)
     drop |= (gx_h * gx_h + gy_h * gy_h > 2.5**2) & (sensor_rng.random(shape) < 0.5)
     n_blobs = sensor_rng.integers(3, 8)
-    _paint_discs(drop, sensor_rng.uniform(0, size, (n_blobs, 2)), sensor_rng.uniform(0.0003, 0.0012, n_blobs) / pitch)
+    _paint_discs(drop, sensor_rng.uniform(0, shape, (n_blobs, 2)), sensor_rng.uniform(0.0003, 0.0012, n_blobs) / pitch)
 
     gt = np.zeros(shape, bool)
     if with_defect and defect != GOOD:
@@ -435,7 +471,7 @@ def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400
         gt = d.mask
 
     z = z_plane - height + depth_noise
-    xyz = np.stack([ray[None, :] * z, ray[:, None] * z, z], axis=-1).astype(np.float32)
+    xyz = np.stack([ray_c[None, :] * z, ray_r[:, None] * z, z], axis=-1).astype(np.float32)
     xyz[drop] = 0.0
     rgb = np.clip(np.rint(albedo * _shading(height, pitch)[..., None] + pixel_noise), 0, 255).astype(np.uint8)
     plane = np.array([gx, gy, -1.0, z0]) / np.sqrt(gx * gx + gy * gy + 1)
@@ -467,7 +503,7 @@ class SyntheticConfig:
     n_val: int = 2
     n_test_good: int = 4
     n_test_defect: int = 2
-    size: int = 400
+    size: Optional[list[int]] = None   # [side] or [H, W]; None: each class's default size
     seed: int = 0
     defects: list[str] = field(default_factory=lambda: list(DEFAULT_DEFECTS))
     workers: int = 1
@@ -481,13 +517,14 @@ def generate(cfg: SyntheticConfig, progress: bool = True) -> Path:
 
 
 def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", "cookie"), n_train: int = 20,
-                     n_val: int = 2, n_test_good: int = 4, n_test_defect: int = 2, size: int = 400, seed: int = 0,
+                     n_val: int = 2, n_test_good: int = 4, n_test_defect: int = 2, size=None, seed: int = 0,
                      defects: Iterable[str] = DEFAULT_DEFECTS, workers: int = 1, overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Write the MVTec 3D-AD layout (SPEC 1.2) for ``classes`` under ``out``; return ``out``.
 
-    ``n_test_defect`` counts per defect type; a split or defect type with count 0 gets no
-    folder. Each class is built in a hidden staging folder (``out/.synthetic-partial-*``,
+    ``size`` is one side (square images), ``(H, W)``, or None for each class's default size
+    (:func:`default_shape`). ``n_test_defect`` counts per defect type; a split or defect type
+    with count 0 gets no folder. Each class is built in a hidden staging folder (``out/.synthetic-partial-*``,
     never mistaken for a class) and moved to ``out/<cls>`` only when complete, with its
     settings in ``out/<cls>/.synthetic.json``. An existing class folder generated with
     the same settings is kept as it is (reruns are cheap); any other existing
@@ -505,11 +542,13 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     if not classes or any(not 0 <= n <= 1000 for n in counts.values()) or n_train < 1 or workers < 1:
         raise SyntheticConfigError(f"need at least one class, 1 <= n_train, 0 <= counts <= 1000 and "
                                    f"workers >= 1; got classes={classes}, {counts}, workers={workers}")
-    if size < 64 or seed < 0:
-        raise SyntheticConfigError(f"need size >= 64 and seed >= 0; got size={size}, seed={seed}")
+    if seed < 0:
+        raise SyntheticConfigError(f"need seed >= 0; got seed={seed}")
+    shapes = {cls: default_shape(cls) if size is None else image_shape(size) for cls in classes}
     out = Path(out)
-    settings = {cls: json.dumps({"class": cls, **counts, "size": size, "seed": seed, "defects": defects},
-                                sort_keys=True) + "\n" for cls in classes}
+    # a square size is recorded as one number, as before non-square sizes existed
+    settings = {cls: json.dumps({"class": cls, **counts, "size": h if h == w else [h, w], "seed": seed,
+                                 "defects": defects}, sort_keys=True) + "\n" for cls, (h, w) in shapes.items()}
 
     def up_to_date(cls: str) -> bool:
         marker = out / cls / MARKER
@@ -528,7 +567,7 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     try:
         plan = [("train", GOOD, n_train), ("validation", GOOD, n_val), ("test", GOOD, n_test_good)]
         plan += [("test", d, n_test_defect) for d in defects]
-        tasks = [(staging / cls / split / defect, cls, split, defect, i, size, seed)
+        tasks = [(staging / cls / split / defect, cls, split, defect, i, shapes[cls], seed)
                  for cls in todo for split, defect, n in plan for i in range(n)]
         with tqdm(total=len(tasks), desc="synthetic samples", unit="sample", disable=not progress) as bar:
             for _ in ordered_map(_write_sample, tasks, workers):
