@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from core.alignment import Alignment
 from core.dataset import IMAGE_SIZE, Sample
-from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction
+from core.inference import Prediction
 from utils.io import make_run_dir, read_tiff_shape, save_configuration, write_text, write_tiff_map
 from utils.metrics import per_defect_type
 from utils.reporting import METHODS, alignment_line, results_json, results_tables, testing_state_text
@@ -50,6 +50,8 @@ class ClassResult:
     times: dict = field(default_factory=dict)
     rgb_images: Optional[np.ndarray] = None  # (T, 224, 224, 3) uint8 inputs, kept only for --viz
     predictions: Optional[list[Prediction]] = None  # kept only with RunConfig.keep_predictions
+    memory_samples: list[str] = field(default_factory=list)  # training samples in the memory, fit order
+    train_subset: Optional[list[str]] = None  # stems kept by --n_train (None: every training sample)
 
 
 def make_result_dir(output_dir: str | Path) -> Path:
@@ -60,11 +62,16 @@ def make_result_dir(output_dir: str | Path) -> Path:
 def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_weights: str,
                         iteration: int) -> None:
     """``Congiguration.txt``/``.pickle`` (reference attribute names, SPEC 9.1) and ``configuration.json``
-    of a run with the :class:`core.pipeline.RunConfig` ``cfg``."""
+    of a run with the :class:`core.pipeline.RunConfig` ``cfg``; the method flags (SPEC 13) under the
+    reference's names where it has one (``k_number``, ``dict_n_component``) and their own otherwise."""
+    method = cfg.method
     config = {
         "BS": 1, "POINT_NUM": cfg.point_num, "ckpt_path": str(cfg.ckpt_path), "classes": classes,
-        "datasets_path": str(cfg.datasets_path), "dict_n_component": N_NONZERO, "grid_path": str(cfg.grid_path),
-        "image_size": IMAGE_SIZE, "k_number": K_SDF, "k_rgb": K_RGB, "method_name": list(METHODS),
+        "datasets_path": str(cfg.datasets_path), "dict_n_component": method.n_nonzero,
+        "grid_path": str(cfg.grid_path), "image_size": IMAGE_SIZE, "k_number": method.k_sdf,
+        "k_rgb": method.k_rgb, "footprint_shift": method.footprint_shift, "align_samples": method.align_samples,
+        "align_sigma": method.align_sigma, "blur_radius": method.blur_radius, "n_train": method.n_train,
+        "method_name": list(METHODS),
         "output_dir": str(result_dir), "rgb_method": "Dict", "viz": cfg.viz, "save_maps": cfg.save_maps,
         "device": str(device), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
         "rgb_weights": rgb_weights, "sdf_checkpoint_iteration": iteration,
@@ -106,17 +113,26 @@ def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassR
             write_tiff_map(path, upsample_map(m, original_size(sample)))
 
 
-def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str]) -> str:
-    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables."""
+def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str],
+                  method: Optional[dict] = None) -> str:
+    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables.
+
+    ``method`` (the run's method flags, SPEC 13) and each class's memory size (and its
+    ``--n_train`` subset) are recorded in ``results.json``."""
     metrics = {c: r.metrics for c, r in results.items()}
     tables = results_tables(metrics, classes)
     report = results_json(metrics, classes,
                           alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
                           thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
+    if method is not None:
+        report["method_params"] = method
     for c, r in results.items():
         report["classes"][c]["per_defect_type"] = {
             m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
             for m in METHODS}
+        report["classes"][c]["memory_samples"] = len(r.memory_samples)
+        if r.train_subset is not None:
+            report["classes"][c]["train_subset"] = r.train_subset
     report["timing_seconds"] = {c: r.times for c, r in results.items()}
     write_text(result_dir / "results.json", json.dumps(report, indent=2) + "\n")
     write_text(result_dir / "results.txt", tables)
