@@ -7,7 +7,9 @@
 Writes OUT/<cls>/{train,validation}/good/{rgb,xyz}, OUT/<cls>/test/good/{rgb,xyz,gt} and
 OUT/<cls>/test/<defect>/{rgb,xyz,gt} with files NNN.png / NNN.tiff. --n_test_defect counts per
 defect type. Rerunning with the same settings keeps the finished classes; a class folder made
-otherwise is only replaced with --overwrite.
+otherwise is only replaced with --overwrite. --format eyecandies writes the same synthetic
+objects as the files of the Eyecandies release instead (tools/synthetic/eyecandies.py; classes
+CandyCane ... PeppermintCandy, even --size, 512 as the release), for tools/prepare_eyecandies.py.
 """
 from __future__ import annotations
 
@@ -17,21 +19,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.synthetic.mvtec import CLASSES, DEFAULT_DEFECTS, DEFECTS, SyntheticConfig, generate  # noqa: E402
+from tools.synthetic import eyecandies, mvtec  # noqa: E402
+from tools.synthetic.mvtec import CLASSES, DEFAULT_DEFECTS, DEFECTS, SyntheticConfig  # noqa: E402
 from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     p = make_parser(__doc__)
     p.add_argument("out", type=Path, help="output data set root")
-    p.add_argument("--classes", nargs="+", default=["bagel", "cookie"],
-                   help=f"class names, from: {', '.join(sorted(CLASSES))}")
+    p.add_argument("--format", choices=("mvtec", "eyecandies"), default="mvtec",
+                   help="the MVTec 3D-AD layout, or the files of the Eyecandies release")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help=f"class names (default: bagel cookie; with --format eyecandies: "
+                        f"{' '.join(eyecandies.DEFAULT_CLASSES)}), from: {', '.join(sorted(CLASSES))}; "
+                        f"with --format eyecandies from: {', '.join(eyecandies.LOOKS)}")
     p.add_argument("--n_train", "--n-train", type=int, default=20, help="training samples per class")
     p.add_argument("--n_val", "--n-val", type=int, default=2, help="validation samples per class")
     p.add_argument("--n_test_good", "--n-test-good", type=int, default=4, help="good test samples per class")
     p.add_argument("--n_test_defect", "--n-test-defect", type=int, default=2,
                    help="test samples per defect type and class")
-    p.add_argument("--size", type=int, default=400, help="image side H (images are H x H)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side H (images are H x H; default 400, with --format eyecandies 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--defects", nargs="+", default=list(DEFAULT_DEFECTS),
                    help=f"defect types, from: {', '.join(DEFECTS)}")
@@ -39,11 +47,15 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     p.add_argument("--overwrite", action="store_true", help="replace existing class folders")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cfg, cli = parse_config(p, SyntheticConfig, argv, cli_only=("quiet",))
-    cfg.classes, cfg.defects = split_names(cfg.classes), split_names(cfg.defects)
+    eye = cfg.format == "eyecandies"
+    cfg.classes = split_names(cfg.classes) or list(eyecandies.DEFAULT_CLASSES if eye else ("bagel", "cookie"))
+    cfg.defects = split_names(cfg.defects)
+    cfg.size = cfg.size or (512 if eye else 400)
     return cfg, cli
 
 
 def execute(cfg: SyntheticConfig, cli: argparse.Namespace) -> int:
+    generate = eyecandies.generate if cfg.format == "eyecandies" else mvtec.generate
     print(f"synthetic data set written to {generate(cfg, progress=not cli.quiet)}")
     return 0
 
