@@ -49,8 +49,9 @@ def test_other_sigma_factor(sigma):
     a, a3 = alignment_from_maps(sdf, rgb, sigma), alignment_from_maps(sdf, rgb)
     flat = [np.concatenate([m.ravel() for m in maps]) for maps in (sdf, rgb)]
     (s_mean, s_std), (r_mean, r_std) = [(np.mean(v[v != 0]), np.std(v[v != 0])) for v in flat]
-    weight = ((s_mean + sigma * s_std) - (s_mean - sigma * s_std)) / ((r_mean + sigma * r_std) - (r_mean - sigma * r_std))
-    assert a.weight == weight and a.bias == (s_mean - sigma * s_std) - weight * (r_mean - sigma * r_std)
+    s_lo, s_hi, r_lo, r_hi = s_mean - sigma * s_std, s_mean + sigma * s_std, r_mean - sigma * r_std, r_mean + sigma * r_std
+    weight = (s_hi - s_lo) / (r_hi - r_lo)
+    assert a.weight == weight and a.bias == s_lo - weight * r_lo
     assert a.sigma == sigma and a3.sigma == 3
     assert a.weight == pytest.approx(a3.weight, rel=1e-5) and a.bias == pytest.approx(a3.bias, rel=1e-3)
 

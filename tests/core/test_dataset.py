@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.dataset import (EYECANDIES_CLASSES, Sample, defect_types, find_classes, list_samples, load_gt_mask, resolve_classes,
-                          to_unorganized, valid_mask)
+from core.dataset import (EYECANDIES_CLASSES, Sample, defect_types, find_classes, list_samples, load_gt_mask,
+                          resolve_classes, to_unorganized, valid_mask)
 from utils.errors import DataError
 from utils.io import write_png, write_xyz
 
