@@ -206,6 +206,13 @@ def test_errors_name_the_file(broken, tmp_path):
         discover(broken / "CandyCane")
     with pytest.raises(DataError, match="neither"):
         convert(ConvertConfig(broken, broken / "inside"), progress=False)
+    shutil.copy(data / "001_image_4.png", data / "000_image_4.png")
+    public = broken / "CandyCane" / "test_public" / "data"
+    good = next(p.name[:2] for p in sorted(public.glob("*_mask.png")) if p.name[3:] == "mask.png"
+                and not read_gray(p).any())
+    Image.new("L", (SIZE, SIZE), 255).save(public / f"{good}_mask.png")
+    with pytest.raises(DataError, match=rf"{good}_mask\.png: marks anomalous pixels, but every type mask"):
+        convert(ConvertConfig(broken, tmp_path / "o5"), progress=False)
     (broken / "CandyCane" / "test_public" / "data" / "00_dents_mask.png").unlink()
     with pytest.raises(DataError, match=r"00_dents_mask\.png: missing"):
         discover(broken)

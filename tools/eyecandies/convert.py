@@ -148,8 +148,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertSummary:
     if cfg.light not in range(len(LIGHTS)):
         raise ConfigError(f"--light must be 0 ... {len(LIGHTS) - 1} (image_0 ... image_5), got {cfg.light}")
     raw, out = Path(cfg.raw), Path(cfg.out)
-    if out.exists() or raw.exists():
-        disjoint_roots(raw, out)
+    disjoint_roots(raw, out)
     release = discover(raw, cfg.classes, cfg.light)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out, MANIFEST, TMP_SUFFIX)
