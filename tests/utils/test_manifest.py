@@ -30,20 +30,18 @@ def test_resume_states(tmp_path, monkeypatch):
     target.unlink()
     assert Manifest(tmp_path, "m.jsonl", ".tmp").resume("x") == ("missing", str(target))
 
-    y = tmp_path / "y.txt"
-    files = stage_files([(y, lambda p: p.write_text("Y"))], ".tmp")
-    monkeypatch.setattr(engine, "_rename", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        m.commit("y", files)
-    monkeypatch.undo()
-    assert Manifest(tmp_path, "m.jsonl", ".tmp").resume("y") == ("recovered", None) and y.read_text() == "Y"
+    def interrupted_commit(name):
+        target = tmp_path / f"{name}.txt"
+        files = stage_files([(target, lambda p: p.write_text(name))], ".tmp")
+        monkeypatch.setattr(engine, "_rename", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            m.commit(name, files)
+        monkeypatch.undo()
+        return target
 
-    z = tmp_path / "z.txt"
-    files = stage_files([(z, lambda p: p.write_text("Z"))], ".tmp")
-    monkeypatch.setattr(engine, "_rename", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        m.commit("z", files)
-    monkeypatch.undo()
+    y = interrupted_commit("y")
+    assert Manifest(tmp_path, "m.jsonl", ".tmp").resume("y") == ("recovered", None) and y.read_text() == "y"
+    z = interrupted_commit("z")
     staging_path(z, ".tmp").write_text("changed")
     state, message = Manifest(tmp_path, "m.jsonl", ".tmp").resume("z")
     assert state == "failed" and "cannot be completed" in message
