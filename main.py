@@ -8,19 +8,24 @@ scores on 25 training samples, score every test sample, and report image AUROC, 
 AUROC and AU-PRO for RGB, SDF and RGB_SDF (SPEC 6-10), then pixel AUROC and AU-PRO of the
 official MVTec 3D-AD protocol at each raw sample's size (SPEC 9.2). Results go to
 ``<output_dir>/<timestamp>-result/``. The work is done by :mod:`core.pipeline`.
+The method's constants are flags (--k_sdf, --k_rgb, --n_nonzero, --footprint_shift,
+--align_samples, --align_sigma, --blur_radius, --n_train; defaults: the paper's).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from core.params import FLAGS, MethodParams  # noqa: E402
 from core.patch_files import POINT_NUM  # noqa: E402
 from core.pipeline import RunConfig, run  # noqa: E402
 from core.rgb_features import BACKBONES  # noqa: E402
-from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
+from utils.cli import config_from_args, make_parser, parse_config, run_cli  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
@@ -48,7 +53,16 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
                    help="RGB backbone weights file (default: the Hugging Face cache); 'random' for a seeded "
                         "random initialisation (testing only)")
     p.add_argument("--point_num", type=int, default=POINT_NUM, help="points per patch in the patch files")
-    return parse_config(p, RunConfig, argv)
+    method = p.add_argument_group("method flags (defaults: the paper's values; SPEC 13)")
+    for f in dataclasses.fields(MethodParams):
+        kind, text = FLAGS[f.name]
+        method.add_argument(f"--{f.name}", type=kind, default=f.default, help=text)
+    cfg, cli = parse_config(p, RunConfig, argv, cli_only=tuple(FLAGS))
+    try:
+        cfg.method = config_from_args(MethodParams, cli)
+    except ConfigError as exc:
+        p.error(str(exc))
+    return cfg, argparse.Namespace()
 
 
 def execute(cfg: RunConfig, _) -> int:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from core.alignment import Alignment
 from core.dataset import IMAGE_SIZE, Sample
-from core.inference import K_RGB, K_SDF, N_NONZERO, Prediction
+from core.inference import Prediction
 from core.native import NativeFrame, class_frame, to_native
 from utils.io import make_run_dir, save_configuration, write_text, write_tiff_map
 from utils.metrics import per_defect_type
@@ -53,6 +53,8 @@ class ClassResult:
     predictions: Optional[list[Prediction]] = None  # kept only with RunConfig.keep_predictions
     frames: list[NativeFrame] = field(default_factory=list)  # per sample, its native frame (SPEC 9.2)
     native: dict = field(default_factory=dict)   # method -> metrics in the native frames (SPEC 9.2)
+    memory_samples: list[str] = field(default_factory=list)  # training samples in the memory, fit order
+    train_subset: Optional[list[str]] = None  # stems kept by --n_train (None: every training sample)
 
     @property
     def frame(self) -> str:
@@ -68,11 +70,16 @@ def make_result_dir(output_dir: str | Path) -> Path:
 def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_weights: str,
                         iteration: int) -> None:
     """``Congiguration.txt``/``.pickle`` (reference attribute names, SPEC 9.1) and ``configuration.json``
-    of a run with the :class:`core.pipeline.RunConfig` ``cfg``."""
+    of a run with the :class:`core.pipeline.RunConfig` ``cfg``; the method flags (SPEC 13) under the
+    reference's names where it has one (``k_number``, ``dict_n_component``) and their own otherwise."""
+    method = cfg.method
     config = {
         "BS": 1, "POINT_NUM": cfg.point_num, "ckpt_path": str(cfg.ckpt_path), "classes": classes,
-        "datasets_path": str(cfg.datasets_path), "dict_n_component": N_NONZERO, "grid_path": str(cfg.grid_path),
-        "image_size": IMAGE_SIZE, "k_number": K_SDF, "k_rgb": K_RGB, "method_name": list(METHODS),
+        "datasets_path": str(cfg.datasets_path), "dict_n_component": method.n_nonzero,
+        "grid_path": str(cfg.grid_path), "image_size": IMAGE_SIZE, "k_number": method.k_sdf,
+        "k_rgb": method.k_rgb, "footprint_shift": method.footprint_shift, "align_samples": method.align_samples,
+        "align_sigma": method.align_sigma, "blur_radius": method.blur_radius, "n_train": method.n_train,
+        "method_name": list(METHODS),
         "output_dir": str(result_dir), "rgb_method": "Dict", "viz": cfg.viz, "save_maps": cfg.save_maps,
         "raw_datasets_path": None if cfg.raw_datasets_path is None else str(cfg.raw_datasets_path),
         "device": str(device), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
@@ -106,8 +113,12 @@ def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassR
             write_tiff_map(path, to_native(m, frame))
 
 
-def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str]) -> str:
-    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables."""
+def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str],
+                  method: Optional[dict] = None) -> str:
+    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables.
+
+    ``method`` (the run's method flags, SPEC 13) and each class's memory size (and its
+    ``--n_train`` subset) are recorded in ``results.json``."""
     metrics = {c: r.metrics for c, r in results.items()}
     native = {c: r.native for c, r in results.items()}
     frames = {c: r.frame for c, r in results.items()}
@@ -115,10 +126,15 @@ def write_results(result_dir: Path, results: dict[str, ClassResult], classes: li
     report = results_json(metrics, classes,
                           alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
                           thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
+    if method is not None:
+        report["method_params"] = method
     for c, r in results.items():
         report["classes"][c]["per_defect_type"] = {
             m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
             for m in METHODS}
+        report["classes"][c]["memory_samples"] = len(r.memory_samples)
+        if r.train_subset is not None:
+            report["classes"][c]["train_subset"] = r.train_subset
     report["native_protocol"] = native_json(native, frames, {c: sorted({f.source for f in r.frames})
                                                              for c, r in results.items()}, classes)
     report["timing_seconds"] = {c: r.times for c, r in results.items()}

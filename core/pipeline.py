@@ -18,12 +18,18 @@ official MVTec 3D-AD protocol at native resolution (SPEC 9.2, :mod:`core.native`
 native frames of the test samples are resolved before any computation, so a wrong
 ``--raw_datasets_path`` stops the run at once.
 
+Method flags (SPEC 13): ``cfg.method`` (:class:`core.params.MethodParams`) carries the
+neighbour counts, OMP atoms, footprint shift, alignment size and factor and blur radius
+to the functions that use them; with ``n_train`` a class's memory is built from a seeded
+subset of its training samples (:func:`few_shot_subset`), which then plays the role of
+the whole training set (its fit and alignment orders are drawn for its size).
+
 What is written, and where, is :mod:`core.outputs`.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,12 +38,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.alignment import N_ALIGN, align
+from core.alignment import align
 from core.dataset import IMAGE_SIZE, Sample, list_samples, load_gt_mask, resolve_classes
 from core.inference import Prediction, encode_sample, predict, stage
 from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
 from core.native import FROM_NONE, NativeFrame, frame_notice, native_metrics, resolve_frames
 from core.outputs import ClassResult, make_result_dir, write_class_outputs, write_configuration, write_results
+from core.params import MethodParams
 from core.patch_files import POINT_NUM
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
@@ -68,6 +75,7 @@ class RunConfig:
     rgb_backbone: str = "wide_resnet50_2"
     rgb_weights: Optional[str] = None
     point_num: int = POINT_NUM
+    method: MethodParams = field(default_factory=MethodParams)  # the method flags (SPEC 13)
     keep_predictions: bool = False  # keep every test sample's full Prediction (tests, debugging)
 
 
@@ -116,6 +124,17 @@ def reference_sample_orders(n: int, seed: int = 0) -> tuple[list[int], list[int]
     return fit, align_order
 
 
+def few_shot_subset(n_total: int, n: Optional[int], seed: int = 0) -> list[int]:
+    """Indices (ascending) of the training samples a class keeps with ``--n_train n`` (SPEC 13).
+
+    The first ``n`` entries of ``numpy.random.default_rng(seed).permutation(n_total)``, sorted;
+    every index when ``n`` is None or at least ``n_total`` (the paper's setting).
+    """
+    if n is None or n >= n_total:
+        return list(range(n_total))
+    return sorted(np.random.default_rng(seed).permutation(n_total)[:n].tolist())
+
+
 # ----------------------------------------------------------------------------- the per-class loop
 class Pipeline:
     """Runs classes with one SDF model and one RGB extractor on one device."""
@@ -130,7 +149,7 @@ class Pipeline:
         return load_sample_input(sample, self.cfg.grid_path, self.rgb.mean, self.rgb.std, self.cfg.point_num)
 
     def encode(self, inp, times: Optional[dict] = None) -> EncodedSample:
-        return encode_sample(inp, self.sdf_model, self.rgb, self.device, times)
+        return encode_sample(inp, self.sdf_model, self.rgb, self.device, times, self.cfg.method.footprint_shift)
 
     def fit(self, cls: str, train: list[Sample], fit_order: list[int], keep: set[int],
             times: Optional[dict] = None) -> tuple[DualMemory, dict[int, EncodedSample]]:
@@ -148,22 +167,25 @@ class Pipeline:
     def run_class(self, cls: str, test: list[Sample], frames: list[NativeFrame]) -> ClassResult:
         """fit -> align -> test loop -> metrics for one class (Appendix D); ``test`` are its test
         samples, ``frames`` their native frames (SPEC 9.2)."""
-        cfg = self.cfg
+        cfg, params = self.cfg, self.cfg.method
         times: dict = {}
-        train = list_samples(cfg.datasets_path, cls, "train")
+        every = list_samples(cfg.datasets_path, cls, "train")
+        train = [every[i] for i in few_shot_subset(len(every), params.n_train, cfg.seed)]
         fit_order, align_order = reference_sample_orders(len(train), cfg.seed)
-        align_ids = align_order[:N_ALIGN]
+        align_ids = align_order[:params.align_samples]
+        options = params.predict_options()
         with torch.no_grad():
             memory, kept = self.fit(cls, train, fit_order, set(align_ids), times)
             alignment = align(memory, self.sdf_model, [kept.pop(i) for i in align_ids], times,
                               progress=lambda it: tqdm(it, total=len(align_ids), desc=f"{cls}: alignment",
-                                                       unit="sample"))
+                                                       unit="sample"),
+                              sigma=params.align_sigma, **options)
             del kept
             preds, full = [], []
             bar = tqdm(prefetch(self.load, test, PREFETCH), total=len(test), desc=f"{cls}: test", unit="sample")
             for inp in bar:
                 pred = predict(memory, self.sdf_model, self.encode(inp, times), "testing",
-                               alignment.weight, alignment.bias, times)
+                               alignment.weight, alignment.bias, times, **options)
                 preds.append(self._record(inp, pred))
                 if cfg.keep_predictions:
                     full.append(pred)
@@ -179,7 +201,9 @@ class Pipeline:
             masks=np.stack([load_gt_mask(s, IMAGE_SIZE) for s in test]),
             times=times,
             rgb_images=np.stack([p["rgb_image"] for p in preds]) if cfg.viz else None,
-            predictions=full if cfg.keep_predictions else None, frames=frames)
+            predictions=full if cfg.keep_predictions else None, frames=frames,
+            memory_samples=list(memory.sample_names),
+            train_subset=[s.stem for s in train] if len(train) < len(every) else None)
         for method in METHODS:
             result.metrics[method] = evaluate_method(result.labels, result.scores[method], result.masks,
                                                      result.maps[method])
@@ -211,11 +235,14 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
     extractor = build_rgb_extractor(cfg.rgb_backbone, cfg.rgb_weights, device, seed=cfg.seed)
     result_dir = make_result_dir(cfg.output_dir)
     write_configuration(result_dir, cfg, classes, device, extractor.name, iteration)
+    if cfg.method.changed():
+        print("method flags other than the paper's: "
+              + ", ".join(f"--{k} {v}" for k, v in cfg.method.changed().items()))
     pipe = Pipeline(cfg, sdf_model, extractor, device)
     results: dict[str, ClassResult] = {}
     for cls in classes:
         results[cls] = res = pipe.run_class(cls, tests[cls], frames[cls])
         write_class_outputs(result_dir, res, list(results.values()), cfg.viz, cfg.save_maps)
-    tables = write_results(result_dir, results, classes)
+    tables = write_results(result_dir, results, classes, cfg.method.as_dict())
     print(tables)
     return result_dir, results

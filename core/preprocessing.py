@@ -39,7 +39,7 @@ from core.clustering import dbscan_labels, fit_plane, largest_cluster_mask
 from core.dataset import BORDER, SPLITS, defect_types, find_classes, samples_in, valid_mask
 from utils.errors import ConfigError, DataError
 from utils.io import copy_file, read_gray, read_rgb, read_xyz, write_png, write_xyz
-from utils.manifest import Manifest, sha256_file, staging_path
+from utils.manifest import Manifest, stage_files
 from utils.pool import ordered_map
 
 # SPEC 2.1 constants (coordinates in the tiff's units, metres for MVTec 3D-AD)
@@ -181,26 +181,23 @@ class _Task:
 def _process_sample(task: _Task) -> dict:
     """Worker: read, preprocess, write the outputs to staging files; never renames."""
     xyz_src, rgb_src, gt_src = task.sources
-    written = []
+
+    def writer(write, array, src):
+        def run(tmp):
+            write(tmp, array)
+            shutil.copymode(src, tmp)  # keep the input's permission bits
+        return run
+
     try:
         xyz = read_xyz(xyz_src)
         rgb = read_rgb(rgb_src)
         gt = read_gray(gt_src) if gt_src is not None else None
         result = preprocess_arrays(xyz, rgb, gt, seed=task.seed, name=str(xyz_src))
-        files = {}
         outputs = ((write_xyz, result.xyz), (write_png, result.rgb), (write_png, result.gt))
-        for src, target, (writer, array) in zip(task.sources, task.targets, outputs):
-            if target is None:
-                continue
-            tmp = staging_path(target, TMP_SUFFIX)
-            written.append(tmp)
-            writer(tmp, array)
-            shutil.copymode(src, tmp)  # keep the input's permission bits
-            files[str(target)] = sha256_file(tmp)
+        files = stage_files([(target, writer(write, array, src)) for src, target, (write, array)
+                             in zip(task.sources, task.targets, outputs) if target is not None], TMP_SUFFIX)
         return dict(key=task.key, ok=True, files=files, stats=result.stats())
     except Exception as exc:  # any per-file failure is reported and the run continues
-        for tmp in written:
-            tmp.unlink(missing_ok=True)
         message = str(exc) if isinstance(exc, DataError) else f"{xyz_src}: {type(exc).__name__}: {exc}"
         return dict(key=task.key, ok=False, error=message)
 
@@ -353,22 +350,16 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
 
     pending = []
     for task in tasks:
-        record = manifest.records.get(task.key)
-        if record is not None and record["state"] == "commit":
-            error = manifest.roll_forward(record)
-            if error:
-                summary.failures.append((task.key, error))
-            else:
-                summary.recovered += 1
-        elif record is not None and record["state"] == "done":
-            missing = [rel for rel in record["files"] if not (out_root / rel).exists()]
-            if not missing:
-                summary.skipped += 1
-            elif out_root == root:
-                summary.failures.append((task.key, f"{out_root / missing[0]}: missing although the manifest "
-                                                   f"records it as preprocessed in place; restore it"))
-            else:
-                pending.append(task)
+        state, info = manifest.resume(task.key)
+        if state == "failed":
+            summary.failures.append((task.key, info))
+        elif state == "recovered":
+            summary.recovered += 1
+        elif state == "done":
+            summary.skipped += 1
+        elif state == "missing" and out_root == root:
+            summary.failures.append((task.key, f"{info}: missing although the manifest "
+                                               f"records it as preprocessed in place; restore it"))
         else:
             pending.append(task)
     for task in pending:  # staging files of uncommitted work are garbage

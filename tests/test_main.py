@@ -33,6 +33,7 @@ import torch
 
 import main as main_cli
 from core.native import FROM_RAW
+from core.params import MethodParams
 from core.pipeline import run
 from tests import official_evaluation as official
 from utils.io import read_gray
@@ -217,3 +218,21 @@ def test_unknown_class_and_usage(parity_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main_cli.main(["--grid_path", "g"])
     assert exc.value.code == 2
+
+
+def test_method_flags_parse(parity_dir, tmp_path, capsys):
+    """Every method flag lands in cfg.method; the defaults (given or not) are the paper's values."""
+    cfg, _ = main_cli.parse_args(_argv(parity_dir, tmp_path))
+    assert cfg.method == MethodParams() == MethodParams(10, 5, 3, 2, 25, 3.0, 4.0, None)
+    explicit = ["--k_sdf", "10", "--k_rgb", "5", "--n_nonzero", "3", "--footprint_shift", "2",
+                "--align_samples", "25", "--align_sigma", "3", "--blur_radius", "4"]
+    assert main_cli.parse_args(_argv(parity_dir, tmp_path, *explicit))[0].method == MethodParams()
+    other = ["--k_sdf", "7", "--k_rgb", "4", "--n_nonzero", "2", "--footprint_shift", "0",
+             "--align_samples", "5", "--align_sigma", "2.5", "--blur_radius", "1.5", "--n_train", "5"]
+    cfg, _ = main_cli.parse_args(_argv(parity_dir, tmp_path, *other))
+    assert cfg.method == MethodParams(7, 4, 2, 0, 5, 2.5, 1.5, 5)
+    for bad, word in ((["--n_nonzero", "6"], "--n_nonzero"), (["--n_train", "0"], "--n_train"),
+                      (["--footprint_shift", "28"], "--footprint_shift"), (["--blur_radius", "-1"], "--blur_radius")):
+        with pytest.raises(SystemExit) as exc:
+            main_cli.parse_args(_argv(parity_dir, tmp_path, *bad))
+        assert exc.value.code == 2 and word in capsys.readouterr().err

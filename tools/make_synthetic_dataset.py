@@ -9,7 +9,9 @@ OUT/<cls>/test/<defect>/{rgb,xyz,gt} with files NNN.png / NNN.tiff. --n_test_def
 defect type. --size H W makes H x W images (one value: square); without it each class has its
 default size (400 x 400; rope 330 x 370, not square and no multiple of 100). Rerunning with
 the same settings keeps the finished classes; a class folder made otherwise is only replaced
-with --overwrite.
+with --overwrite. --format eyecandies writes the same synthetic objects as the files of the
+Eyecandies release instead (tools/synthetic/eyecandies.py; classes CandyCane ... PeppermintCandy,
+one even --size, 512 as the release), for tools/prepare_eyecandies.py.
 """
 from __future__ import annotations
 
@@ -19,16 +21,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.synthetic import eyecandies, mvtec  # noqa: E402
 from tools.synthetic.mvtec import (CLASSES, DEFAULT_DEFECTS, DEFAULT_SHAPES, DEFAULT_SIDE, DEFECTS,  # noqa: E402
-                                   SyntheticConfig, generate)
+                                   SyntheticConfig)
 from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     p = make_parser(__doc__)
     p.add_argument("out", type=Path, help="output data set root")
-    p.add_argument("--classes", nargs="+", default=["bagel", "cookie"],
-                   help=f"class names, from: {', '.join(sorted(CLASSES))}")
+    p.add_argument("--format", choices=("mvtec", "eyecandies"), default="mvtec",
+                   help="the MVTec 3D-AD layout, or the files of the Eyecandies release")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help=f"class names (default: bagel cookie; with --format eyecandies: "
+                        f"{' '.join(eyecandies.DEFAULT_CLASSES)}), from: {', '.join(sorted(CLASSES))}; "
+                        f"with --format eyecandies from: {', '.join(eyecandies.LOOKS)}")
     p.add_argument("--n_train", "--n-train", type=int, default=20, help="training samples per class")
     p.add_argument("--n_val", "--n-val", type=int, default=2, help="validation samples per class")
     p.add_argument("--n_test_good", "--n-test-good", type=int, default=4, help="good test samples per class")
@@ -37,7 +44,7 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     defaults = ", ".join(f"{c} {h} x {w}" for c, (h, w) in DEFAULT_SHAPES.items())
     p.add_argument("--size", type=int, nargs="+", default=None, metavar=("H", "W"),
                    help=f"image size H W, or one side for square images (default: per class, "
-                        f"{DEFAULT_SIDE} x {DEFAULT_SIDE}; {defaults})")
+                        f"{DEFAULT_SIDE} x {DEFAULT_SIDE}; {defaults}; with --format eyecandies one even side, 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--defects", nargs="+", default=list(DEFAULT_DEFECTS),
                    help=f"defect types, from: {', '.join(DEFECTS)}")
@@ -45,11 +52,18 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     p.add_argument("--overwrite", action="store_true", help="replace existing class folders")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cfg, cli = parse_config(p, SyntheticConfig, argv, cli_only=("quiet",))
-    cfg.classes, cfg.defects = split_names(cfg.classes), split_names(cfg.defects)
+    eye = cfg.format == "eyecandies"
+    cfg.classes = split_names(cfg.classes) or list(eyecandies.DEFAULT_CLASSES if eye else ("bagel", "cookie"))
+    cfg.defects = split_names(cfg.defects)
+    if eye:
+        if cfg.size is not None and len(cfg.size) != 1:
+            p.error(f"--format eyecandies writes square images: give one --size, got {cfg.size}")
+        cfg.size = cfg.size[0] if cfg.size else 512
     return cfg, cli
 
 
 def execute(cfg: SyntheticConfig, cli: argparse.Namespace) -> int:
+    generate = eyecandies.generate if cfg.format == "eyecandies" else mvtec.generate
     print(f"synthetic data set written to {generate(cfg, progress=not cli.quiet)}")
     return 0
 

@@ -18,6 +18,7 @@ from utils.errors import ShapeGuidedError
 T = TypeVar("T")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:
@@ -64,3 +65,13 @@ def run_cli(body: Callable[..., int], *args) -> int:
     except ShapeGuidedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def interruptible(work: Callable[[], T]) -> T | None:
+    """``work()``; on Ctrl-C say that finished work is kept and the same command resumes, and
+    return None (the script then exits :data:`EXIT_INTERRUPTED`). For resumable stages."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
+        return None

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import tifffile
+import yaml
 from PIL import Image, UnidentifiedImageError
 
 from utils.errors import DataError
@@ -65,10 +66,11 @@ def write_xyz(path: str | os.PathLike, xyz: np.ndarray) -> None:
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Atomically write a uint8 image, (H, W) gray or (H, W, 3) RGB, as PNG."""
+    """Atomically write a uint8 image, (H, W) gray or (H, W, 3) RGB, or a uint16 (H, W) gray image
+    (a 16-bit PNG), as PNG."""
     image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected uint8 image, got {image.dtype}")
+    if image.dtype != np.uint8 and not (image.dtype == np.uint16 and image.ndim == 2):
+        raise ValueError(f"{path}: expected a uint8 image or a uint16 (H, W) image, got {image.dtype} {image.shape}")
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
 
@@ -192,6 +194,48 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 def read_gray(path: str | os.PathLike) -> np.ndarray:
     """Read an image (e.g. a ground-truth mask) as uint8 grayscale (H, W)."""
     return _read_image(Path(path), "L")
+
+
+def read_png16(path: str | os.PathLike) -> np.ndarray:
+    """Read a 16-bit grayscale PNG as uint16 (H, W); :class:`DataError` for anything else."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    if mode not in ("I;16", "I;16B", "I") or arr.ndim != 2:
+        raise DataError(f"{path}: expected a 16-bit grayscale PNG, got mode {mode!r} with shape {arr.shape}")
+    if arr.dtype != np.uint16:
+        if arr.min() < 0 or arr.max() > 65535:
+            raise DataError(f"{path}: values outside 0 ... 65535")
+        arr = arr.astype(np.uint16)
+    return np.ascontiguousarray(arr)
+
+
+def read_yaml(path: str | os.PathLike) -> object:
+    """Parse a YAML file (safe loader); :class:`DataError` naming the file for unreadable YAML."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid YAML ({type(exc).__name__}: {exc})") from exc
+
+
+def write_yaml(path: str | os.PathLike, data: object) -> None:
+    """Atomically write ``data`` as YAML (block style)."""
+    write_text(path, yaml.safe_dump(data, default_flow_style=False, sort_keys=False))
+
+
+def disjoint_roots(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Raise :class:`DataError` when the output folder ``target`` is ``source``, lies inside it or contains it."""
+    a, b = Path(source).resolve(), Path(target).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DataError(f"{target}: the output folder must be neither {source} nor inside it nor contain it")
 
 
 def load_npz(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:

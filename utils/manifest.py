@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 from utils.errors import DataError
 from utils.io import write_text
@@ -71,6 +71,24 @@ def read_records(path: str | os.PathLike) -> dict[str, dict]:
     return _parse(path)[0] if path.exists() else {}
 
 
+def stage_files(writes: Iterable[tuple[Path, Callable[[Path], None]]], suffix: str) -> dict[str, str]:
+    """For each ``(target, write)`` call ``write(staging file of target)``; return ``{str(target): sha256}``,
+    ready for :meth:`Manifest.commit`. On any failure the staging files written so far are removed
+    and the exception propagates."""
+    files, written = {}, []
+    try:
+        for target, write in writes:
+            tmp = staging_path(target, suffix)
+            written.append(tmp)
+            write(tmp)
+            files[str(target)] = sha256_file(tmp)
+    except BaseException:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    return files
+
+
 class Manifest:
     """Append-only JSON-lines log ``<root>/<name>`` of committed and finished jobs (module docstring)."""
 
@@ -119,6 +137,21 @@ class Manifest:
                         f"copy has the recorded content); restore this sample from the raw data set")
         self.append(dict(record, state="done"))
         return None
+
+    def resume(self, key: str) -> tuple[str, Optional[str]]:
+        """What a rerun does with job ``key``, after completing its interrupted commit if it has one:
+        ``("todo", None)`` (no record), ``("done", None)`` (finished, every file present),
+        ``("recovered", None)`` (an interrupted commit, completed now), ``("missing", path)``
+        (finished, but that file is gone) or ``("failed", message)`` (an interrupted commit that
+        cannot be completed)."""
+        record = self.records.get(key)
+        if record is None:
+            return "todo", None
+        if record["state"] == "commit":
+            error = self.roll_forward(record)
+            return ("failed", error) if error else ("recovered", None)
+        missing = [rel for rel in record["files"] if not (self.root / rel).exists()]
+        return ("missing", str(self.root / missing[0])) if missing else ("done", None)
 
     def discard_staged(self, targets) -> None:
         """Remove the staging files of ``targets`` (uncommitted work of an interrupted run)."""

@@ -36,6 +36,13 @@ def _round_pro(value: float) -> float:
     return float(round(np.float64(value), 3))  # ... and the AU-PRO NumPy float64
 
 
+def class_title(cls: str) -> str:
+    """A class's column title (SPEC 1.1): ``str.title()`` of a lower-case name, as the reference
+    writes the MVTec classes (``cable_gland`` -> ``Cable_Gland``); a name with capitals stays as
+    written (Eyecandies ``CandyCane``, not ``Candycane``)."""
+    return cls.title() if cls == cls.lower() else cls
+
+
 def _table(row_names: Sequence[str], columns: Mapping[str, Mapping[str, float]]) -> str:
     df = pd.DataFrame(list(row_names), columns=["Method"])
     for name, values in columns.items():
@@ -49,13 +56,13 @@ def results_tables(results: Mapping[str, Mapping[str, dict]], classes: Sequence[
 
     ``results[cls][method]`` is the output of :func:`utils.metrics.evaluate_method` for
     every class in ``classes`` and every method in :data:`METHODS`. Columns are
-    ``cls.title()`` in the order of ``classes``, then ``Mean``. No trailing newline.
+    :func:`class_title` in the order of ``classes``, then ``Mean``. No trailing newline.
     """
     image, pixel, pro = {}, {}, {}
     for cls in classes:
-        image[cls.title()] = {m: _round_auroc(results[cls][m]["image_auroc"]) for m in METHODS}
-        pixel[cls.title()] = {m: _round_auroc(results[cls][m]["pixel_auroc"]) for m in METHODS}
-        pro[cls.title()] = {
+        image[class_title(cls)] = {m: _round_auroc(results[cls][m]["image_auroc"]) for m in METHODS}
+        pixel[class_title(cls)] = {m: _round_auroc(results[cls][m]["pixel_auroc"]) for m in METHODS}
+        pro[class_title(cls)] = {
             f"{m}_{limit}": _round_pro(results[cls][m]["au_pro"][limit]) for m in METHODS for limit in PRO_LIMITS
         }
     pro_rows = [f"{m}_{limit}" for m in METHODS for limit in PRO_LIMITS]

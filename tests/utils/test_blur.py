@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms
 
-from utils.blur import blur_map, blur_maps, extended_box_blur_u8, quantize_u8
+from utils.blur import blur_map, blur_maps, box_weights, extended_box_blur_u8, quantize_u8
 
 
 def pillow_blur(u8: np.ndarray) -> np.ndarray:
@@ -33,6 +33,36 @@ def test_emulation_equals_pillow_bit_for_bit(shape):
     ]
     for u in images:
         np.testing.assert_array_equal(extended_box_blur_u8(u), pillow_blur(u))
+
+
+@pytest.mark.parametrize("radius", [0, 0.5, 1, 2, 2.5, 3, 6, 10.5])
+def test_emulation_equals_pillow_for_other_radii(radius):
+    """--blur_radius: the emulation, written from Pillow's algorithm, equals Pillow's GaussianBlur."""
+    rng = np.random.default_rng(int(radius * 10))
+    for shape in ((224, 224), (7, 13), (2, 3)):
+        for u in (rng.integers(0, 256, shape, dtype=np.uint8), (rng.random(shape) < 0.03).astype(np.uint8) * 255):
+            ref = np.asarray(Image.fromarray(u).filter(ImageFilter.GaussianBlur(radius=radius)))
+            np.testing.assert_array_equal(extended_box_blur_u8(u, radius), ref)
+
+
+def test_blur_radius_sets_the_kernel_width():
+    """An impulse spreads over at most 3 (l + 1) pixels each side (three boxes of 2l + 3 taps; the
+    outermost, fractional taps may round to 0), so the kernel widens with the radius; radius 4 is
+    the documented box (l 3, ww 2130440, fw 932068); blur_map passes its radius to Pillow."""
+    assert box_weights(4) == (3, 2130440, 932068)
+    widths = []
+    impulse = np.zeros((101, 101))
+    impulse[50, 50] = 1.0
+    for radius in (1, 2, 4, 7):
+        out = blur_map(impulse, radius)
+        low = box_weights(radius)[0]
+        half = 50 - np.flatnonzero(out[50]).min()
+        assert 0 < half <= 3 * (low + 1), (radius, low, half)
+        ref = np.asarray(Image.fromarray(quantize_u8(impulse)).filter(ImageFilter.GaussianBlur(radius)))
+        np.testing.assert_array_equal(out, ref.astype(np.float32) / np.float32(255))
+        widths.append(half)
+    assert widths == sorted(set(widths)), widths
+    np.testing.assert_array_equal(blur_map(impulse, 0), impulse.astype(np.float32))   # radius 0: quantised only
 
 
 def test_emulation_on_a_stack_equals_per_image():

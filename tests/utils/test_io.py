@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from utils.errors import DataError
-from utils.io import (configuration_text, atomic_path, copy_file, load_npz, read_gray, read_rgb, read_xyz, save_npz,
-                      write_png, write_text, write_xyz)
+from utils.io import (configuration_text, atomic_path, copy_file, disjoint_roots, load_npz, read_gray, read_png16,
+                      read_rgb, read_xyz, read_yaml, save_npz, write_png, write_text, write_xyz, write_yaml)
 
 
 def test_xyz_roundtrip(tmp_path):
@@ -94,3 +94,22 @@ def test_written_files_get_umask_mode(tmp_path):
 def test_configuration_text_format():
     text = configuration_text({"k_number": 10, "BS": 1, "classes": ["a", "b"]})
     assert text == "%30s: %s\n%30s: %s\n%30s: %s\n" % ("BS", 1, "classes", ["a", "b"], "k_number", 10)
+
+
+def test_png16_yaml_and_disjoint_roots(tmp_path):
+    depth = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    write_png(tmp_path / "d.png", depth)
+    got = read_png16(tmp_path / "d.png")
+    assert got.dtype == np.uint16 and np.array_equal(got, depth)
+    write_png(tmp_path / "g.png", np.zeros((3, 4), np.uint8))
+    with pytest.raises(DataError, match=r"g\.png: expected a 16-bit grayscale PNG"):
+        read_png16(tmp_path / "g.png")
+    write_yaml(tmp_path / "a.yaml", {"normalization": {"min": 0.15, "max": 1e-05}})
+    assert read_yaml(tmp_path / "a.yaml") == {"normalization": {"min": 0.15, "max": 1e-05}}
+    (tmp_path / "b.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(DataError, match=r"b\.yaml: not valid YAML"):
+        read_yaml(tmp_path / "b.yaml")
+    disjoint_roots(tmp_path / "raw", tmp_path / "out")
+    for bad in (tmp_path / "raw", tmp_path / "raw" / "out", tmp_path):
+        with pytest.raises(DataError, match="neither"):
+            disjoint_roots(tmp_path / "raw", bad)

@@ -29,7 +29,7 @@ def parity_results(parity_dir):
     return results, pred
 
 
-def fake_results(value_of):
+def fake_results(value_of, classes=("bagel", "cable_gland")):
     """results[cls][method] with every metric set by value_of(cls, method, metric)."""
     return {
         cls: {
@@ -40,7 +40,7 @@ def fake_results(value_of):
             }
             for m in METHODS
         }
-        for cls in ("bagel", "cable_gland")
+        for cls in classes
     }
 
 
@@ -93,6 +93,14 @@ def test_table_values_and_rows():
     rows = [line.split("|")[1].strip() for line in text.split("AU PRO Results")[1].splitlines() if line.startswith("|")]
     assert rows[2:] == [f"{m}_{limit}" for m in METHODS for limit in PRO_LIMITS]
     assert "| RGB_SDF  |   0.888 |         0.988 |  0.938 |" in text  # (0.888 + 0.988) / 2
+
+
+def test_eyecandies_titles_are_kept_as_written():
+    """``str.title()`` would write ``Candycane`` and ``Chocolatecookie``; the release's names stay."""
+    classes = ["CandyCane", "ChocolateCookie", "cable_gland"]
+    text = results_tables(fake_results(lambda cls, m, metric: 0.5, classes), classes)
+    assert "| Method   |   CandyCane |   ChocolateCookie |   Cable_Gland |   Mean |" in text
+    assert "Candycane" not in text
 
 
 def test_results_json(parity_results):

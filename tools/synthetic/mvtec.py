@@ -46,6 +46,7 @@ defect-free geometry.
 Public API::
 
     render_sample(cls, split, defect, index, size=None, seed=0, with_defect=True) -> SyntheticSample
+    render_scene(...) -> Scene     # the same render before it becomes files (other cameras, lights)
     generate_dataset(out, classes=("bagel", "cookie"), n_train=20, n_val=2, n_test_good=4,
                      n_test_defect=2, size=None, seed=0, defects=DEFAULT_DEFECTS,
                      workers=1, overwrite=False, progress=True) -> Path
@@ -294,10 +295,11 @@ def _albedo(rng: np.random.Generator, family: str, base: np.ndarray, frame: _Fra
     return albedo
 
 
-def _shading(height: np.ndarray, pitch: float) -> np.ndarray:
-    """Lambertian shading factor of a height field (pixels of ``pitch`` metres)."""
+def _shading(height: np.ndarray, pitch: float, light: np.ndarray = _LIGHT) -> np.ndarray:
+    """Lambertian shading factor of a height field (pixels of ``pitch`` metres) under a unit
+    ``light`` direction (x right, y down, z towards the camera)."""
     gy, gx = np.gradient(height, pitch)
-    lambert = np.clip((_LIGHT[2] - _LIGHT[0] * gx - _LIGHT[1] * gy) / np.sqrt(gx * gx + gy * gy + 1), 0, None)
+    lambert = np.clip((light[2] - light[0] * gx - light[1] * gy) / np.sqrt(gx * gx + gy * gy + 1), 0, None)
     return 0.3 + 0.7 * lambert
 
 
@@ -411,6 +413,55 @@ def _place_defect(rng: np.random.Generator, name: str, height: np.ndarray, pitch
 
 
 # ----------------------------------------------------------------------------- rendering
+@dataclass(frozen=True)
+class Camera:
+    """A pinhole camera: ``focal`` length and principal point ``centre`` (both axes) in pixels,
+    pixel-index coordinates (pixel ``i`` at ``i``). The plane is placed at ``focal / (3 size)``
+    times the MVTec camera's distance, so every camera sees the same scene in metres at the same
+    pixel pitch."""
+
+    focal: float
+    centre: float | tuple[float, float]   # one value for both axes, or (row, column)
+
+
+def mvtec_camera(shape: tuple[int, int]) -> Camera:
+    """The MVTec-layout camera of an (H, W) image: focal ``3 * min(H, W)``; the centre off the pixel
+    grid, so no x or y is exactly zero (a zero coordinate would make the point invalid, SPEC 1.2)."""
+    return Camera(3.0 * min(shape), tuple((n - 1) / 2 + 0.3 for n in shape))
+
+
+@dataclass
+class Scene:
+    """One rendered sample before it becomes files (see :func:`render_scene`)."""
+
+    z: np.ndarray            # (H, W) float64 depth along the optical axis, noise included, no dropouts
+    ray_x: np.ndarray        # (W,) x / z of each column
+    ray_y: np.ndarray        # (H,) y / z of each row
+    height: np.ndarray       # (H, W) height above the plane, metres (defect included)
+    pitch: float             # metres per pixel at the plane
+    albedo: np.ndarray       # (H, W, 3) 0-255 units (defect included)
+    pixel_noise: np.ndarray  # (H, W, 3)
+    drop: np.ndarray         # (H, W) bool sensor dropouts
+    inside: np.ndarray       # (H, W) bool object pixels
+    gt: np.ndarray           # (H, W) bool defect pixels
+    dh: np.ndarray           # (H, W) height change of the defect (0 outside)
+    alpha: np.ndarray        # (H, W) albedo blend weight of the defect (0 outside)
+    plane: np.ndarray        # (4,) float64 noise-free plane, unit normal
+
+    def xyz(self) -> np.ndarray:
+        """(H, W, 3) float32 organised cloud, dropouts exactly (0, 0, 0)."""
+        xyz = np.stack([self.ray_x[None, :] * self.z, self.ray_y[:, None] * self.z, self.z], axis=-1).astype(np.float32)
+        xyz[self.drop] = 0.0
+        return xyz
+
+    def rgb(self, *lights: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 image under unit light directions (default: the MVTec renders' light),
+        several lights shading with the mean of their factors."""
+        shades = [_shading(self.height, self.pitch, light) for light in (lights or (_LIGHT,))]
+        shade = (shades[0] if len(shades) == 1 else np.mean(shades, axis=0))[..., None]
+        return np.clip(np.rint(self.albedo * shade + self.pixel_noise), 0, 255).astype(np.uint8)
+
+
 def render_sample(cls: str, split: str, defect: str, index: int, size=None, seed: int = 0,
                   with_defect: bool = True) -> SyntheticSample:
     """Render sample ``<cls>/<split>/<defect>/<index:03d>`` of the data set for ``seed``.
@@ -420,7 +471,23 @@ def render_sample(cls: str, split: str, defect: str, index: int, size=None, seed
     ``with_defect=False`` renders the same sample (same object, texture, noise, dropouts)
     without its defect; its ``gt`` is then all zero.
     """
-    family = family_of(cls)
+    scene = render_scene(cls, split, defect, index, size, seed, with_defect)
+    return SyntheticSample(xyz=scene.xyz(), rgb=scene.rgb(), gt=(scene.gt * 255).astype(np.uint8),
+                           object_mask=scene.inside & ~scene.drop, plane_mask=~scene.inside & ~scene.drop,
+                           plane=scene.plane)
+
+
+def render_scene(cls: str, split: str, defect: str, index: int, size=None, seed: int = 0,
+                 with_defect: bool = True, *, look: tuple[str, tuple[int, int, int]] | None = None,
+                 camera: Camera | None = None, sensor: bool = True) -> Scene:
+    """The scene of :func:`render_sample`. ``size`` as there (for a class name this module does
+    not know, give it); ``look`` = (family, albedo) for such a name (default: :data:`CLASSES`);
+    ``camera`` another camera (default: :func:`mvtec_camera`); ``sensor=False`` a rendered depth
+    map: no depth noise and no dropouts (the random draws are made all the same, so everything
+    else is unchanged)."""
+    family, colour = look if look is not None else (family_of(cls), CLASSES[cls][1])
+    if family not in FAMILIES:
+        raise SyntheticConfigError(f"unknown object family {family!r}; known: {', '.join(FAMILIES)}")
     _check_defect(defect)
     if split not in SPLITS:
         raise SyntheticConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -430,15 +497,16 @@ def render_sample(cls: str, split: str, defect: str, index: int, size=None, seed
     if index < 0 or seed < 0:
         raise SyntheticConfigError(f"need index >= 0 and seed >= 0; got {index}, {seed}")
     shape_rng, sensor_rng, defect_rng = _sample_rngs(seed, cls, split, defect, index)
-    base = np.array(CLASSES[cls][1], float)
+    base = np.array(colour, float)
 
     # Camera rays and the tilted plane z = z0 + gx x + gy y. The scene (object, textures)
     # lives on the image grid scaled to the plane's depth on the optical axis: ``pitch``
-    # metres per pixel. The optical axis is at the image centre (row, col).
-    focal = 3.0 * min(shape)
-    centre = (np.array(shape) - 1) / 2 + 0.3  # off the pixel grid, so no x or y is exactly zero
+    # metres per pixel. The optical axis is at the camera's centre (row, col).
+    camera = camera or mvtec_camera(shape)
+    focal = camera.focal
+    centre = np.broadcast_to(np.asarray(camera.centre, dtype=float), (2,)).copy()
     ray_r, ray_c = ((np.arange(n) - c) / focal for n, c in zip(shape, centre))
-    z0 = shape_rng.uniform(0.375, 0.395)
+    z0 = shape_rng.uniform(0.375, 0.395) * (focal / (3.0 * min(shape)))
     tilt, tilt_dir = np.radians(shape_rng.uniform(1.5, 4.0)), shape_rng.uniform(0, 2 * np.pi)
     gx, gy = np.tan(tilt) * np.cos(tilt_dir), np.tan(tilt) * np.sin(tilt_dir)
     z_plane = z0 / (1 - gx * ray_c[None, :] - gy * ray_r[:, None])
@@ -463,20 +531,18 @@ def render_sample(cls: str, split: str, defect: str, index: int, size=None, seed
     n_blobs = sensor_rng.integers(3, 8)
     _paint_discs(drop, sensor_rng.uniform(0, shape, (n_blobs, 2)), sensor_rng.uniform(0.0003, 0.0012, n_blobs) / pitch)
 
-    gt = np.zeros(shape, bool)
+    d = _Defect(np.zeros(shape), np.zeros(shape), np.zeros(3))
     if with_defect and defect != GOOD:
         d = _place_defect(defect_rng, defect, height, pitch, base)
         height = height + d.dh
         albedo = albedo * (1 - d.alpha[..., None]) + d.alpha[..., None] * d.colour
-        gt = d.mask
+    if not sensor:
+        depth_noise, drop = np.zeros(shape), np.zeros(shape, bool)
 
     z = z_plane - height + depth_noise
-    xyz = np.stack([ray_c[None, :] * z, ray_r[:, None] * z, z], axis=-1).astype(np.float32)
-    xyz[drop] = 0.0
-    rgb = np.clip(np.rint(albedo * _shading(height, pitch)[..., None] + pixel_noise), 0, 255).astype(np.uint8)
     plane = np.array([gx, gy, -1.0, z0]) / np.sqrt(gx * gx + gy * gy + 1)
-    return SyntheticSample(xyz=xyz, rgb=rgb, gt=(gt * 255).astype(np.uint8),
-                           object_mask=inside & ~drop, plane_mask=~inside & ~drop, plane=plane)
+    return Scene(z=z, ray_x=ray_c, ray_y=ray_r, height=height, pitch=pitch, albedo=albedo, pixel_noise=pixel_noise,
+                 drop=drop, inside=inside, gt=d.mask, dh=d.dh, alpha=d.alpha, plane=plane)
 
 
 # ----------------------------------------------------------------------------- data set
@@ -508,10 +574,11 @@ class SyntheticConfig:
     defects: list[str] = field(default_factory=lambda: list(DEFAULT_DEFECTS))
     workers: int = 1
     overwrite: bool = False
+    format: str = "mvtec"   # or "eyecandies": the release's files (tools/synthetic/eyecandies.py)
 
 
 def generate(cfg: SyntheticConfig, progress: bool = True) -> Path:
-    """What ``tools/make_synthetic_dataset.py`` runs: :func:`generate_dataset` with ``cfg``'s options."""
+    """What ``tools/make_synthetic_dataset.py --format mvtec`` runs: :func:`generate_dataset` with ``cfg``'s options."""
     return generate_dataset(cfg.out, cfg.classes, cfg.n_train, cfg.n_val, cfg.n_test_good, cfg.n_test_defect,
                             cfg.size, cfg.seed, cfg.defects, cfg.workers, cfg.overwrite, progress)
 
@@ -531,30 +598,58 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     ``out/<cls>`` is an error unless ``overwrite``, which replaces it once the new one
     is complete.
     """
+    counts = {"n_train": n_train, "n_val": n_val, "n_test_good": n_test_good, "n_test_defect": n_test_defect}
+    classes, defects = check_request(classes, defects, counts, size, seed, workers, family_of)
+    out = Path(out)
+    shapes = {cls: default_shape(cls) if size is None else image_shape(size) for cls in classes}
+    # a square size is recorded as one number, as before non-square sizes existed
+    settings = {cls: {"class": cls, **counts, "size": h if h == w else [h, w], "seed": seed, "defects": defects}
+                for cls, (h, w) in shapes.items()}
+    plan = [("train", GOOD, n_train), ("validation", GOOD, n_val), ("test", GOOD, n_test_good)]
+    plan += [("test", d, n_test_defect) for d in defects]
+
+    def tasks(staging: Path, cls: str) -> list[tuple]:
+        return [(staging / cls / split / defect, cls, split, defect, i, shapes[cls], seed)
+                for split, defect, n in plan for i in range(n)]
+
+    return write_classes(out, settings, tasks, _write_sample, workers, overwrite, progress)
+
+
+def check_request(classes: Iterable[str], defects: Iterable[str], counts: dict[str, int], size, seed: int,
+                  workers: int, check_class: Callable[[str], object]) -> tuple[list[str], list[str]]:
+    """The de-duplicated class and defect lists of a generator request, or :class:`SyntheticConfigError`."""
     classes, defects = list(dict.fromkeys(classes)), list(dict.fromkeys(defects))
     for cls in classes:
-        family_of(cls)
+        check_class(cls)
     for defect in defects:
         _check_defect(defect)
         if defect == GOOD:
             raise SyntheticConfigError(f"{GOOD!r} is not a defect type")
-    counts = {"n_train": n_train, "n_val": n_val, "n_test_good": n_test_good, "n_test_defect": n_test_defect}
-    if not classes or any(not 0 <= n <= 1000 for n in counts.values()) or n_train < 1 or workers < 1:
+    if not classes or any(not 0 <= n <= 1000 for n in counts.values()) or counts["n_train"] < 1 or workers < 1:
         raise SyntheticConfigError(f"need at least one class, 1 <= n_train, 0 <= counts <= 1000 and "
                                    f"workers >= 1; got classes={classes}, {counts}, workers={workers}")
     if seed < 0:
         raise SyntheticConfigError(f"need seed >= 0; got seed={seed}")
-    shapes = {cls: default_shape(cls) if size is None else image_shape(size) for cls in classes}
-    out = Path(out)
-    # a square size is recorded as one number, as before non-square sizes existed
-    settings = {cls: json.dumps({"class": cls, **counts, "size": h if h == w else [h, w], "seed": seed,
-                                 "defects": defects}, sort_keys=True) + "\n" for cls, (h, w) in shapes.items()}
+    if size is not None:
+        image_shape(size)
+    return classes, defects
+
+
+def write_classes(out: Path, settings: dict[str, dict], tasks: Callable[[Path, str], list], write: Callable,
+                  workers: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
+    """Build every class of ``settings`` (class -> its generator settings) in a hidden staging
+    folder and move it to ``out/<cls>`` when complete (see :func:`generate_dataset`).
+
+    ``tasks(staging, cls)`` lists the jobs of a class, ``write(job)`` writes one of them (in a
+    worker process). A class whose ``out/<cls>/.synthetic.json`` holds the same settings is kept.
+    """
+    text = {cls: json.dumps(v, sort_keys=True) + "\n" for cls, v in settings.items()}
 
     def up_to_date(cls: str) -> bool:
         marker = out / cls / MARKER
-        return marker.is_file() and marker.read_text(encoding="utf-8") == settings[cls]
+        return marker.is_file() and marker.read_text(encoding="utf-8") == text[cls]
 
-    todo = [cls for cls in classes if overwrite or not up_to_date(cls)]
+    todo = [cls for cls in settings if overwrite or not up_to_date(cls)]
     clash = [out / cls for cls in todo if (out / cls).exists() and not overwrite]
     if clash:
         raise DataError(f"{clash[0]}: already exists with other contents or settings; "
@@ -565,15 +660,12 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
 
     staging = Path(tempfile.mkdtemp(prefix=".synthetic-partial-", dir=out))
     try:
-        plan = [("train", GOOD, n_train), ("validation", GOOD, n_val), ("test", GOOD, n_test_good)]
-        plan += [("test", d, n_test_defect) for d in defects]
-        tasks = [(staging / cls / split / defect, cls, split, defect, i, shapes[cls], seed)
-                 for cls in todo for split, defect, n in plan for i in range(n)]
-        with tqdm(total=len(tasks), desc="synthetic samples", unit="sample", disable=not progress) as bar:
-            for _ in ordered_map(_write_sample, tasks, workers):
+        jobs = [job for cls in todo for job in tasks(staging, cls)]
+        with tqdm(total=len(jobs), desc="synthetic samples", unit="sample", disable=not progress) as bar:
+            for _ in ordered_map(write, jobs, workers):
                 bar.update()
         for cls in todo:
-            write_text(staging / cls / MARKER, settings[cls])
+            write_text(staging / cls / MARKER, text[cls])
             target = out / cls
             if target.exists():  # move the old folder into staging; it is deleted with it
                 os.replace(target, staging / f"old-{cls}")
