@@ -6,6 +6,8 @@ For every class: build the dual memory from the training samples, align RGB to S
 scores on 25 training samples, score every test sample, and report image AUROC, pixel
 AUROC and AU-PRO for RGB, SDF and RGB_SDF (SPEC 6-10). Results go to
 ``<output_dir>/<timestamp>-result/``. The work is done by :mod:`core.pipeline`.
+
+    torchrun --nproc_per_node N main.py ...   (classes sharded over N ranks; rank 0 writes the tables)
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from core.patch_files import POINT_NUM  # noqa: E402
 from core.pipeline import RunConfig, run  # noqa: E402
 from core.rgb_features import BACKBONES  # noqa: E402
 from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
+from utils.distributed import is_main  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
@@ -47,7 +50,8 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
 
 def execute(cfg: RunConfig, _) -> int:
     result_dir, _ = run(cfg)
-    print(f"results written to {result_dir}")
+    if is_main():
+        print(f"results written to {result_dir}")
     return 0
 
 
