@@ -10,6 +10,8 @@ official MVTec 3D-AD protocol at each raw sample's size (SPEC 9.2). Results go t
 ``<output_dir>/<timestamp>-result/``. The work is done by :mod:`core.pipeline`.
 The method's constants are flags (--k_sdf, --k_rgb, --n_nonzero, --footprint_shift,
 --align_samples, --align_sigma, --blur_radius, --n_train; defaults: the paper's).
+
+    torchrun --nproc_per_node N main.py ...   (classes sharded over N ranks; rank 0 writes the tables)
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from core.patch_files import POINT_NUM  # noqa: E402
 from core.pipeline import RunConfig, run  # noqa: E402
 from core.rgb_features import BACKBONES  # noqa: E402
 from utils.cli import config_from_args, make_parser, parse_config, run_cli  # noqa: E402
+from utils.distributed import is_main  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 
 
@@ -67,7 +70,8 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
 
 def execute(cfg: RunConfig, _) -> int:
     result_dir, _ = run(cfg)
-    print(f"results written to {result_dir}")
+    if is_main():
+        print(f"results written to {result_dir}")
     return 0
 
 

@@ -4,12 +4,17 @@ In ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result/`` (a new folder per run):
 
 * ``Congiguration.txt`` / ``.pickle`` (sic, the reference's names) and ``configuration.json``:
   the run's settings, written first;
-* per class, as soon as it is done: its line of ``alignment.txt``, ``<cls>/testing_state.txt``,
+* per class, as soon as it is done, by the rank that computed it: ``<cls>/testing_state.txt``,
   with ``--viz`` the heatmaps ``<cls>/Visualization/images/NNNNNNNN.png`` and optimal
   thresholds, with ``--save_maps`` the fused maps ``anomaly_maps/<cls>/test/<type>/<stem>.tiff``
   in each sample's native frame (:mod:`core.native`), as the official evaluation reads them;
-* last: ``results.json`` (every number, unrounded) and ``results.txt`` (the reference's
-  three tables, then the native-protocol table). A run that stopped early has no ``results.txt``.
+  and ``alignment.txt`` (one process: rewritten after every class; under torchrun: by rank 0
+  once every class is done);
+* last, from the classes' :class:`ClassSummary` records (small, picklable: what rank 0
+  gathers under torchrun): ``timing.json`` (seconds per class and step, and the rank that
+  ran the class), ``results.json`` (every number, unrounded) and ``results.txt`` (the
+  reference's three tables, then the native-protocol table). A run that stopped early has no
+  ``results.txt``.
 
 Every file is written atomically (:mod:`utils.io`); the formatting lives in
 :mod:`utils.reporting` and the figures in :mod:`utils.visualization`.
@@ -62,13 +67,42 @@ class ClassResult:
         return class_frame(self.frames)
 
 
+@dataclass
+class ClassSummary:
+    """What the run's shared files need of one class: no maps, so ranks can send it to rank 0."""
+
+    cls: str
+    weight: float
+    bias: float
+    metrics: dict
+    per_defect_type: dict
+    native: dict                                # method -> metrics in the native frames (SPEC 9.2)
+    frame: str                                  # the class's native frame label
+    frame_sources: list[str]                    # where the native frames came from
+    memory_samples: int                         # training samples in the memory
+    train_subset: Optional[list[str]] = None    # stems kept by --n_train
+    thresholds: Optional[tuple[float, float]] = None
+    times: dict = field(default_factory=dict)
+    rank: int = 0                               # the rank that computed the class
+
+
+def summarize(result: ClassResult, rank: int = 0) -> ClassSummary:
+    """The :class:`ClassSummary` of a finished class (after :func:`write_class_outputs`, which sets the thresholds)."""
+    per_type = {m: per_defect_type([s.defect for s in result.samples], result.labels, result.scores[m],
+                                   result.masks, result.maps[m])
+                for m in METHODS}
+    return ClassSummary(result.cls, result.alignment.weight, result.alignment.bias, result.metrics, per_type,
+                        result.native, result.frame, sorted({f.source for f in result.frames}),
+                        len(result.memory_samples), result.train_subset, result.thresholds, result.times, rank)
+
+
 def make_result_dir(output_dir: str | Path) -> Path:
     """A new ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result`` folder (``-2``, ``-3`` ... when taken)."""
     return make_run_dir(output_dir, "-result")
 
 
 def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_weights: str,
-                        iteration: int) -> None:
+                        iteration: int, shards: Optional[list[list[str]]] = None) -> None:
     """``Congiguration.txt``/``.pickle`` (reference attribute names, SPEC 9.1) and ``configuration.json``
     of a run with the :class:`core.pipeline.RunConfig` ``cfg``; the method flags (SPEC 13) under the
     reference's names where it has one (``k_number``, ``dict_n_component``) and their own otherwise."""
@@ -85,18 +119,21 @@ def write_configuration(result_dir: Path, cfg, classes: list[str], device, rgb_w
         "device": str(device), "seed": cfg.seed, "rgb_backbone": cfg.rgb_backbone,
         "rgb_weights": rgb_weights, "sdf_checkpoint_iteration": iteration,
     }
+    if shards is not None and len(shards) > 1:   # under torchrun: the world size and each rank's classes
+        config.update(world_size=len(shards), rank_classes=shards)
     save_configuration(result_dir, config, pickle_protocol=2)
     write_text(result_dir / "configuration.json", json.dumps(config, indent=2) + "\n")
 
 
-def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassResult], viz: bool,
-                        save_maps: bool) -> None:
-    """``alignment.txt`` (rewritten with the lines of ``done``, this class last), ``<cls>/testing_state.txt``,
-    with ``viz`` the heatmaps and thresholds (stored in ``result.thresholds``), with ``save_maps`` the TIFF maps
-    of the fused map in each sample's native frame."""
+def write_alignment(result_dir: Path, done: list[ClassSummary]) -> None:
+    """``alignment.txt``: one line per class of ``done``, in that order."""
+    write_text(result_dir / "alignment.txt", "".join(alignment_line(s.cls, s.weight, s.bias) for s in done))
+
+
+def write_class_outputs(result_dir: Path, result: ClassResult, viz: bool, save_maps: bool) -> None:
+    """``<cls>/testing_state.txt``, with ``viz`` the heatmaps and thresholds (stored in ``result.thresholds``),
+    with ``save_maps`` the TIFF maps of the fused map in each sample's native frame."""
     cls = result.cls
-    write_text(result_dir / "alignment.txt",
-               "".join(alignment_line(r.cls, r.alignment.weight, r.alignment.bias) for r in done))
     det = seg = None
     if viz:
         det = optimal_threshold(result.labels, result.scores["RGB_SDF"])
@@ -113,31 +150,32 @@ def write_class_outputs(result_dir: Path, result: ClassResult, done: list[ClassR
             write_tiff_map(path, to_native(m, frame))
 
 
-def write_results(result_dir: Path, results: dict[str, ClassResult], classes: list[str],
+def write_results(result_dir: Path, done: list[ClassSummary], classes: list[str],
                   method: Optional[dict] = None) -> str:
-    """``results.json`` then ``results.txt`` (last, so its presence marks a finished run); returns the tables.
+    """``timing.json``, ``results.json`` then ``results.txt`` (last, so its presence marks a finished run)
+    for the summaries ``done`` of ``classes``; returns the tables.
 
     ``method`` (the run's method flags, SPEC 13) and each class's memory size (and its
     ``--n_train`` subset) are recorded in ``results.json``."""
-    metrics = {c: r.metrics for c, r in results.items()}
-    native = {c: r.native for c, r in results.items()}
-    frames = {c: r.frame for c, r in results.items()}
+    summaries = {s.cls: s for s in done}
+    metrics = {c: summaries[c].metrics for c in classes}
+    native = {c: summaries[c].native for c in classes}
+    frames = {c: summaries[c].frame for c in classes}
     tables = f"{results_tables(metrics, classes)} \n\n{native_table(native, frames, classes)}"
     report = results_json(metrics, classes,
-                          alignment={c: (r.alignment.weight, r.alignment.bias) for c, r in results.items()},
-                          thresholds={c: r.thresholds for c, r in results.items() if r.thresholds})
+                          alignment={c: (summaries[c].weight, summaries[c].bias) for c in classes},
+                          thresholds={c: summaries[c].thresholds for c in classes if summaries[c].thresholds})
     if method is not None:
         report["method_params"] = method
-    for c, r in results.items():
-        report["classes"][c]["per_defect_type"] = {
-            m: per_defect_type([s.defect for s in r.samples], r.labels, r.scores[m], r.masks, r.maps[m])
-            for m in METHODS}
-        report["classes"][c]["memory_samples"] = len(r.memory_samples)
-        if r.train_subset is not None:
-            report["classes"][c]["train_subset"] = r.train_subset
-    report["native_protocol"] = native_json(native, frames, {c: sorted({f.source for f in r.frames})
-                                                             for c, r in results.items()}, classes)
-    report["timing_seconds"] = {c: r.times for c, r in results.items()}
+    for c in classes:
+        entry = report["classes"][c]
+        entry["per_defect_type"] = summaries[c].per_defect_type
+        entry["memory_samples"] = summaries[c].memory_samples
+        if summaries[c].train_subset is not None:
+            entry["train_subset"] = summaries[c].train_subset
+    report["native_protocol"] = native_json(native, frames, {c: summaries[c].frame_sources for c in classes}, classes)
+    timing = {"classes": {c: {"rank": summaries[c].rank, "seconds": summaries[c].times} for c in classes}}
+    write_text(result_dir / "timing.json", json.dumps(timing, indent=2) + "\n")
     write_text(result_dir / "results.json", json.dumps(report, indent=2) + "\n")
     write_text(result_dir / "results.txt", tables)
     return tables

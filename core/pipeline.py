@@ -25,9 +25,19 @@ subset of its training samples (:func:`few_shot_subset`), which then plays the r
 the whole training set (its fit and alignment orders are drawn for its size).
 
 What is written, and where, is :mod:`core.outputs`.
+
+Several processes (``torchrun --nproc_per_node N main.py ...``): the classes are independent,
+so they are sharded over the ranks (:func:`shard_classes`, balanced by sample counts), each
+rank runs its classes on its own device (``cuda:LOCAL_RANK`` or the CPU) and writes their
+per-class files; rank 0 creates the result folder, gathers every class's
+:class:`core.outputs.ClassSummary` and writes ``alignment.txt``, ``timing.json``,
+``results.json`` and ``results.txt`` in the class order of a single process, with the same
+bytes. A failing rank exits non-zero and torchrun stops the others, so ``results.txt`` is
+only written when every class finished.
 """
 from __future__ import annotations
 
+import datetime
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +53,13 @@ from core.dataset import IMAGE_SIZE, Sample, list_samples, load_gt_mask, resolve
 from core.inference import Prediction, encode_sample, predict, stage
 from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
 from core.native import FROM_NONE, NativeFrame, frame_notice, native_metrics, resolve_frames
-from core.outputs import ClassResult, make_result_dir, write_class_outputs, write_configuration, write_results
+from core.outputs import (ClassResult, ClassSummary, make_result_dir, summarize, write_alignment,
+                          write_class_outputs, write_configuration, write_results)
 from core.params import MethodParams
 from core.patch_files import POINT_NUM
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
-from utils.device import resolve_device
+from utils import distributed
 from utils.errors import DataError
 from utils.metrics import evaluate_method
 from utils.pool import prefetch
@@ -56,6 +67,7 @@ from utils.reporting import METHODS
 from utils.visualization import denormalize_rgb
 
 PREFETCH = 2  # samples read ahead of the computation
+CLASS_WAIT = datetime.timedelta(hours=24)  # how long a finished rank waits for the others (torchrun)
 
 
 @dataclass
@@ -220,29 +232,81 @@ class Pipeline:
         return out
 
 
+# ----------------------------------------------------------------------------- classes over ranks
+def balance_classes(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """Classes per rank: largest first to the least loaded rank (ties: earlier class, lower rank).
+
+    ``sizes`` maps each class, in run order, to its work (sample count); every rank's list
+    keeps the run order. Deterministic, so every rank could compute it; rank 0 does.
+    """
+    order = list(sizes)
+    loads = [0] * world_size
+    shards: list[list[str]] = [[] for _ in range(world_size)]
+    for cls in sorted(order, key=lambda c: (-sizes[c], order.index(c))):
+        r = min(range(world_size), key=lambda i: (loads[i], i))
+        shards[r].append(cls)
+        loads[r] += sizes[cls]
+    return [sorted(shard, key=order.index) for shard in shards]
+
+
+def shard_classes(datasets_path: Path, classes: list[str], world_size: int) -> list[list[str]]:
+    """:func:`balance_classes` by each class's number of training plus test samples (all classes on one rank)."""
+    if world_size == 1:
+        return [list(classes)]
+    sizes = {c: len(list_samples(datasets_path, c, "train")) + len(list_samples(datasets_path, c, "test"))
+             for c in classes}
+    return balance_classes(sizes, world_size)
+
+
 def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
-    """Run every class; return the result folder and the per-class results."""
-    classes = resolve_classes(cfg.datasets_path, cfg.classes)
+    """Run every class (under torchrun: this rank's classes, module docstring).
+
+    Returns the result folder and the per-class results computed by this process.
+    """
+    main_rank = distributed.is_main()
+    classes = resolve_classes(cfg.datasets_path, cfg.classes) if main_rank else None
+    device = distributed.rank_device(cfg.device)
+    with distributed.session(device, backend="gloo", timeout=CLASS_WAIT):
+        return _run_shard(cfg, device, classes)
+
+
+def _run_shard(cfg: RunConfig, device: torch.device, classes: Optional[list[str]]
+               ) -> tuple[Path, dict[str, ClassResult]]:
+    rank, world_size, main_rank = distributed.rank(), distributed.world_size(), distributed.is_main()
+    classes, shards = distributed.broadcast(
+        (classes, shard_classes(cfg.datasets_path, classes, world_size)) if main_rank else None)
     if cfg.raw_datasets_path is not None and not Path(cfg.raw_datasets_path).is_dir():
         raise DataError(f"{cfg.raw_datasets_path}: --raw_datasets_path is not a folder; name the data set "
                         f"before preprocessing (or leave the flag out)")
-    tests = {cls: list_samples(cfg.datasets_path, cls, "test") for cls in classes}
-    frames = {cls: resolve_frames(tests[cls], cfg.raw_datasets_path) for cls in classes}
-    if any(f.source == FROM_NONE for fs in frames.values() for f in fs):
+    tests = {cls: list_samples(cfg.datasets_path, cls, "test") for cls in shards[rank]}
+    frames = {cls: resolve_frames(tests[cls], cfg.raw_datasets_path) for cls in shards[rank]}
+    no_raw_sizes = distributed.gather(any(f.source == FROM_NONE for fs in frames.values() for f in fs))
+    if main_rank and any(no_raw_sizes):
         print(frame_notice(cfg.datasets_path), file=sys.stderr)
-    device = resolve_device(cfg.device)
     sdf_model, iteration = load_sdf_checkpoint(cfg.ckpt_path, map_location=device)
     extractor = build_rgb_extractor(cfg.rgb_backbone, cfg.rgb_weights, device, seed=cfg.seed)
-    result_dir = make_result_dir(cfg.output_dir)
-    write_configuration(result_dir, cfg, classes, device, extractor.name, iteration)
-    if cfg.method.changed():
-        print("method flags other than the paper's: "
-              + ", ".join(f"--{k} {v}" for k, v in cfg.method.changed().items()))
+    result_dir = None
+    if main_rank:
+        result_dir = make_result_dir(cfg.output_dir)
+        write_configuration(result_dir, cfg, classes, device, extractor.name, iteration, shards)
+        if cfg.method.changed():
+            print("method flags other than the paper's: "
+                  + ", ".join(f"--{k} {v}" for k, v in cfg.method.changed().items()))
+    result_dir = distributed.broadcast(result_dir)
     pipe = Pipeline(cfg, sdf_model, extractor, device)
     results: dict[str, ClassResult] = {}
-    for cls in classes:
+    summaries: list[ClassSummary] = []
+    for cls in shards[rank]:
         results[cls] = res = pipe.run_class(cls, tests[cls], frames[cls])
-        write_class_outputs(result_dir, res, list(results.values()), cfg.viz, cfg.save_maps)
-    tables = write_results(result_dir, results, classes, cfg.method.as_dict())
-    print(tables)
+        write_class_outputs(result_dir, res, cfg.viz, cfg.save_maps)
+        summaries.append(summarize(res, rank))
+        if world_size == 1:
+            write_alignment(result_dir, summaries)
+    gathered = distributed.gather(summaries)
+    if main_rank:
+        by_class = {s.cls: s for part in gathered for s in part}
+        done = [by_class[c] for c in classes]
+        if world_size > 1:
+            write_alignment(result_dir, done)
+        print(write_results(result_dir, done, classes, cfg.method.as_dict()))
     return result_dir, results

@@ -4,21 +4,25 @@ Each script parses its flags with argparse and turns them into its stage's confi
 dataclass with :func:`parse_config` (argparse ``dest`` names are the dataclass field names;
 flags that only the script reads, such as ``--quiet``, come back separately), calls the
 library and lets :func:`run_cli` map a
-:class:`utils.errors.ShapeGuidedError` to a one-line message and exit status 2.
+:class:`utils.errors.ShapeGuidedError` to a one-line message and exit status 2 (naming the
+rank under torchrun).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import traceback
 from typing import Callable, Iterable, TypeVar
 
 from utils.errors import ShapeGuidedError
+from utils.launch import distributed_run, leave_if_distributed, rank_prefix, record_error
 
 T = TypeVar("T")
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BUG = 1                # an unexpected exception (its traceback is printed)
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:
@@ -59,12 +63,25 @@ def split_names(values: Iterable[str] | None) -> list[str] | None:
 
 
 def run_cli(body: Callable[..., int], *args) -> int:
-    """``body(*args)``; a :class:`ShapeGuidedError` becomes ``error: <message>`` on stderr and exit 2."""
+    """``body(*args)``; a :class:`ShapeGuidedError` becomes ``error: <message>`` on stderr and exit 2.
+
+    Under torchrun the message names the rank (``error: rank 1 of 2: ...``) and, like any
+    other exception (whose traceback is printed, exit status 1), is also written to
+    torchrun's error file, whose failure summary then shows it; the failing rank then ends at
+    once, so that torchrun stops the other ranks (:mod:`utils.launch`).
+    """
     try:
         return body(*args)
     except ShapeGuidedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        record_error(exc, traceback_too=False)
+        print(f"error: {rank_prefix()}{exc}", file=sys.stderr)
+        return leave_if_distributed(EXIT_BAD_INPUT)
+    except Exception as exc:
+        record_error(exc)
+        if not distributed_run():
+            raise
+        traceback.print_exc()
+        return leave_if_distributed(EXIT_BUG)
 
 
 def interruptible(work: Callable[[], T]) -> T | None:

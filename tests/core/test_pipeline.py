@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from core.cutting import CutConfig, cut_patches
 from core.params import MethodParams
-from core.pipeline import RunConfig, few_shot_subset, reference_sample_orders, run
+from core.pipeline import RunConfig, balance_classes, few_shot_subset, reference_sample_orders, run
 from core.preprocessing import preprocess_dataset
 from tools.synthetic.mvtec import generate_dataset
 
@@ -89,3 +89,17 @@ def test_method_flags_reach_the_pipeline(tiny_run_inputs, monkeypatch):
             config["align_samples"], config["align_sigma"], config["blur_radius"], config["n_train"]) == \
         (4, 3, 2, 1, 2, 1.5, 3.0, 3)
     assert "     n_train: 3\n" in (result_dir / "Congiguration.txt").read_text()
+
+
+def test_classes_balanced_over_ranks():
+    """Largest first onto the least loaded rank; each rank keeps the run order; ties: earlier class, lower rank."""
+    sizes = {"bagel": 10, "cable_gland": 40, "carrot": 25, "cookie": 25, "dowel": 5}
+    # 40 -> r0; 25 -> r1; 25 -> r1 (50); 10 -> r0 (50); 5 -> r0 (tie: lower rank) = 55 / 50
+    assert balance_classes(sizes, 2) == [["bagel", "cable_gland", "dowel"], ["carrot", "cookie"]]
+    assert balance_classes(sizes, 3) == [["cable_gland"], ["bagel", "carrot"], ["cookie", "dowel"]]
+    assert balance_classes(sizes, 1) == [list(sizes)]
+    assert balance_classes({"a": 3, "b": 3}, 2) == [["a"], ["b"]]
+    assert balance_classes({"a": 3}, 3) == [["a"], [], []]                     # more ranks than classes
+    mvtec = {c: 200 + 7 * i for i, c in enumerate("abcdefghij")}
+    loads = [sum(mvtec[c] for c in shard) for shard in balance_classes(mvtec, 4)]
+    assert max(loads) - min(loads) <= max(mvtec.values())                      # greedy bound
