@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core.patch_files import POINT_NUM  # noqa: E402
 from core.pipeline import RunConfig, run  # noqa: E402
 from core.rgb_features import BACKBONES  # noqa: E402
-from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
@@ -28,11 +28,13 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
     p.add_argument("--grid_path", type=Path, required=True, help="patch files written by cut_patches.py")
     p.add_argument("--ckpt_path", type=Path, required=True, help="SDF model checkpoint (e.g. ckpt_000601.pth)")
     p.add_argument("--output_dir", type=Path, default=Path("output"), help="results go to a new timestamped folder here")
-    p.add_argument("--classes", nargs="+", default=None,
-                   help="classes to run (default: every class folder found, MVTec order for MVTec 3D-AD)")
+    add_names(p, "--classes", default=None,
+              help="classes to run, e.g. 'bagel cookie' or bagel,cookie (default: every class folder found, MVTec "
+                   "order for MVTec 3D-AD)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the training-sample orders (as the reference)")
-    p.add_argument("--viz", action="store_true", help="write heatmaps and optimal thresholds (SPEC 10)")
+    p.add_argument("--viz", "--vis", action="store_true",
+                   help="write heatmaps and optimal thresholds (SPEC 10); --vis is an alias (the authors' README)")
     p.add_argument("--save_maps", action="store_true",
                    help="write each test sample's fused map as float32 TIFF at the input resolution, in the "
                         "layout of the official MVTec 3D-AD evaluation: anomaly_maps/<cls>/test/<defect>/<id>.tiff")

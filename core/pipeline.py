@@ -32,6 +32,7 @@ from core.inference import Prediction, encode_sample, predict
 from core.memory import DualMemory, EncodedSample, MemoryBuilder, load_sample_input
 from core.outputs import ClassResult, make_result_dir, write_class_outputs, write_configuration, write_results
 from core.patch_files import POINT_NUM
+from core.preflight import check_run_inputs
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
 from utils.device import resolve_device
@@ -188,6 +189,7 @@ class Pipeline:
 def run(cfg: RunConfig) -> tuple[Path, dict[str, ClassResult]]:
     """Run every class; return the result folder and the per-class results."""
     classes = resolve_classes(cfg.datasets_path, cfg.classes)
+    check_run_inputs(cfg.datasets_path, cfg.grid_path, classes, cfg.output_dir)   # before any model or work
     device = resolve_device(cfg.device)
     sdf_model, iteration = load_sdf_checkpoint(cfg.ckpt_path, map_location=device)
     extractor = build_rgb_extractor(cfg.rgb_backbone, cfg.rgb_weights, device, seed=cfg.seed)

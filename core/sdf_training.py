@@ -48,7 +48,7 @@ from core.patch_files import POINT_NUM, PRETRAIN_DIR, PRETRAIN_KEYS
 from core.sdf_model import SDFModel, model_from_checkpoint, read_checkpoint, save_sdf_checkpoint
 from utils.device import resolve_device
 from utils.errors import DataError
-from utils.io import atomic_path, load_npz, make_run_dir, save_configuration, write_text
+from utils.io import atomic_path, check_output_dir, load_npz, make_run_dir, save_configuration, write_text
 CACHE_DIR = ".cache"
 IN_MEMORY_LIMIT = 4 * 2**30
 NORMAL_EPS = 1e-12          # pytorch_safe_norm's epsilon (SPEC 4.2 step 4)
@@ -318,6 +318,7 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
             raise DataError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.epoch < 0 or not cfg.learning_rate > 0:
         raise DataError(f"--epoch must be >= 0 and --learning_rate > 0, got {cfg.epoch} and {cfg.learning_rate}")
+    check_output_dir(cfg.ckpt_path, "--ckpt_path")
     device = resolve_device(cfg.device)
     if data is None:
         data = PretrainSet(cfg.grid_path, cfg.point_num, progress=progress)

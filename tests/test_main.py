@@ -21,23 +21,33 @@ Measured residuals against ``expected/`` (all explained by float32 rounding, non
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 import tifffile
+import torch
+from PIL import Image
 
 import main as main_cli
 from core import alignment
 from core.alignment import alignment_from_maps
 from core.inference import Prediction
 from core.outputs import ClassResult, upsample_map
+from core.patch_files import open_patch_manifest, source_record
 from core.pipeline import run
+from core.preflight import check_run_inputs
 from tools.authors_way.inference import blur_agreement
 from utils.blur import blur_map, blurred_levels
+from utils.io import write_xyz
+from utils.manifest import sha256_file
 
 CLS = "torus"
 
@@ -234,23 +244,109 @@ def _run_cli(capsys, argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def test_missing_grid_file(parity_dir, tmp_path, capsys):
-    grids = tmp_path / "grids"   # empty: the first sample of the fit order (006) has no patch file
-    grids.mkdir()
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if a model is built: bad inputs must be found before any model or computation."""
+    import core.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(pipeline, "load_sdf_checkpoint", fail)
+    monkeypatch.setattr(pipeline, "build_rgb_extractor", fail)
+
+
+def test_missing_grid_files_all_listed_before_any_work(parity_dir, tmp_path, capsys, no_models):
+    grids = tmp_path / "grids"
+    shutil.copytree(parity_dir / "grids", grids)
+    for rel in ("train/good/npz/003.npz", "train/good/npz/005.npz", "test/stain/npz/000.npz"):
+        (grids / CLS / rel).unlink()
     argv = _argv(parity_dir, tmp_path / "out")
     argv[argv.index("--grid_path") + 1] = str(grids)
     rc, err = _run_cli(capsys, argv)
-    assert rc == 2 and str(grids / CLS / "train" / "good" / "npz" / "006.npz") in err and "cut_patches.py" in err
-    assert not list((tmp_path / "out").glob("*/results.txt"))
+    assert rc == 2 and err.count("\n") == 1
+    assert f"3 patch file(s) not found: {grids / CLS / 'train' / 'good' / 'npz'}/{{003,005}}.npz; " \
+           f"{grids / CLS / 'test' / 'stain' / 'npz' / '000.npz'}; run `python cut_patches.py" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_patch_file_cut_from_a_changed_tiff_is_refused(parity_dir, tmp_path, capsys, no_models):
+    data, grids = tmp_path / "data", tmp_path / "grids"
+    shutil.copytree(parity_dir / "preprocessed", data)
+    shutil.copytree(parity_dir / "grids", grids)
+    xyz = data / CLS / "train" / "good" / "xyz" / "004.tiff"
+    npz = grids / CLS / "train" / "good" / "npz" / "004.npz"
+    key = f"{CLS}/train/good/npz/004.npz"
+    open_patch_manifest(grids).append(dict(sample=key, state="done", files={key: sha256_file(npz)},
+                                           source=source_record(xyz)))
+    check_run_inputs(data, grids, [CLS], tmp_path / "out")           # recorded source unchanged: accepted
+    cloud = tifffile.imread(xyz)
+    cloud[200, 200] = 0
+    write_xyz(xyz, cloud)                                           # e.g. preprocessed again in place
+    argv = _argv(parity_dir, tmp_path / "out")
+    argv[argv.index("--grid_path") + 1], argv[argv.index("--datasets_path") + 1] = str(grids), str(data)
+    rc, err = _run_cli(capsys, argv)
+    assert rc == 2 and err.startswith(f"error: {npz}: cut from {xyz.resolve()} before it changed")
+    assert "run `python cut_patches.py" in err and "recuts" in err and err.count("\n") == 1
+
+
+def test_gt_mask_of_another_size_is_refused(parity_dir, tmp_path, capsys, no_models):
+    data = tmp_path / "data"
+    shutil.copytree(parity_dir / "preprocessed", data)
+    gt = data / CLS / "test" / "crack" / "gt" / "000.png"
+    Image.open(gt).resize((200, 300)).save(gt)
+    argv = _argv(parity_dir, tmp_path / "out")
+    argv[argv.index("--datasets_path") + 1] = str(data)
+    rc, err = _run_cli(capsys, argv)
+    assert rc == 2 and err == (f"error: {gt}: ground-truth mask is 300x200 but its rgb image is 400x400 and its "
+                               f"point cloud 400x400; masks are not resized to fit, replace the mask (or rerun "
+                               f"tools/preprocessing.py on the raw data set, which pads all three alike)\n")
+
+
+def test_output_folder_that_is_a_file_or_read_only(parity_dir, tmp_path, capsys, no_models, as_unprivileged):
+    target = tmp_path / "output"
+    target.write_text("x")
+    rc, err = _run_cli(capsys, _argv(parity_dir, target))
+    assert rc == 2 and err == f"error: {target}: --output_dir is a file, not a folder; pass a folder path to " \
+                              f"--output_dir\n"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        proc = subprocess.run([*as_unprivileged, sys.executable, main_cli.__file__, *_argv(parity_dir, locked)],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2 and proc.stderr == (f"error: {locked}: --output_dir is not writable by this user; "
+                                                    f"pass a folder you can write to, or fix its permissions\n")
+    assert not list(locked.iterdir())
+
+
+def test_text_file_as_checkpoint(parity_dir, tmp_path, capsys):
+    ckpt = tmp_path / "train_states.txt"
+    ckpt.write_text("epoch:0000\tloss:0.012345678\n")
+    argv = _argv(parity_dir, tmp_path / "out")
+    argv[argv.index("--ckpt_path") + 1] = str(ckpt)
+    rc, err = _run_cli(capsys, argv)
+    assert rc == 2 and err.count("\n") == 1 and "weights_only" not in err
+    assert err.startswith(f"error: {ckpt}: not a PyTorch checkpoint")
 
 
 def test_bad_checkpoint(parity_dir, tmp_path, capsys):
     ckpt = tmp_path / "broken.pth"
-    ckpt.write_bytes(b"not a checkpoint")
+    torch.save({"sdf_model": {"w": torch.zeros(1)}, "note": object()}, ckpt)    # a pickled Python object
     argv = _argv(parity_dir, tmp_path / "out")
     argv[argv.index("--ckpt_path") + 1] = str(ckpt)
     rc, err = _run_cli(capsys, argv)
-    assert rc == 2 and str(ckpt) in err and "checkpoint" in err
+    assert rc == 2 and err.count("\n") == 1 and "weights_only" not in err
+    assert f"{ckpt}: holds Python objects besides tensors" in err
+
+
+def test_vis_alias_and_comma_classes():
+    cfg, _ = main_cli.parse_args(["--datasets_path", "d", "--grid_path", "g", "--ckpt_path", "c", "--vis",
+                                  "--classes", "bagel,cookie", "tire"])
+    assert cfg.viz is True and cfg.classes == ["bagel", "cookie", "tire"]
+    assert main_cli.parse_args(["--datasets_path", "d", "--grid_path", "g", "--ckpt_path", "c"])[0].viz is False
 
 
 def test_weights_unavailable(parity_dir, tmp_path, capsys, monkeypatch):

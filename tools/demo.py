@@ -20,14 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.runner.pipeline import DemoConfig, StepFailed, run_pipeline  # noqa: E402
-from utils.cli import make_parser, parse_config, split_names  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
     d = DemoConfig()
     p = make_parser(__doc__)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, grids, checkpoint and results")
-    p.add_argument("--classes", nargs="+", default=list(d.classes))
+    add_names(p, "--classes", default=list(d.classes), help="synthetic classes, e.g. 'bagel cookie' or bagel,cookie")
     p.add_argument("--n_train", type=int, default=d.n_train)
     p.add_argument("--n_test_good", type=int, default=d.n_test_good)
     p.add_argument("--n_test_defect", type=int, default=d.n_test_defect, help="per defect type")
@@ -36,9 +36,7 @@ def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
                    help="train_3Dmodel.py --epoch (runs epoch+1 passes)")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--seed", type=int, default=d.seed)
-    cfg, cli = parse_config(p, DemoConfig, argv, cli_only=("out",))
-    cfg.classes = split_names(cfg.classes)
-    return cfg, cli
+    return parse_config(p, DemoConfig, argv, cli_only=("out",))
 
 
 def main(argv=None) -> int:

@@ -18,14 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.synthetic.mvtec import CLASSES, DEFAULT_DEFECTS, DEFECTS, SyntheticConfig, generate  # noqa: E402
-from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     p = make_parser(__doc__)
     p.add_argument("out", type=Path, help="output data set root")
-    p.add_argument("--classes", nargs="+", default=["bagel", "cookie"],
-                   help=f"class names, from: {', '.join(sorted(CLASSES))}")
+    add_names(p, "--classes", default=["bagel", "cookie"],
+              help=f"class names, from: {', '.join(sorted(CLASSES))}")
     p.add_argument("--n_train", "--n-train", type=int, default=20, help="training samples per class")
     p.add_argument("--n_val", "--n-val", type=int, default=2, help="validation samples per class")
     p.add_argument("--n_test_good", "--n-test-good", type=int, default=4, help="good test samples per class")
@@ -33,14 +33,12 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
                    help="test samples per defect type and class")
     p.add_argument("--size", type=int, default=400, help="image side H (images are H x H)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--defects", nargs="+", default=list(DEFAULT_DEFECTS),
-                   help=f"defect types, from: {', '.join(DEFECTS)}")
+    add_names(p, "--defects", default=list(DEFAULT_DEFECTS),
+              help=f"defect types, from: {', '.join(DEFECTS)}")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace existing class folders")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    cfg, cli = parse_config(p, SyntheticConfig, argv, cli_only=("quiet",))
-    cfg.classes, cfg.defects = split_names(cfg.classes), split_names(cfg.defects)
-    return cfg, cli
+    return parse_config(p, SyntheticConfig, argv, cli_only=("quiet",))
 
 
 def execute(cfg: SyntheticConfig, cli: argparse.Namespace) -> int:

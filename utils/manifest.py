@@ -45,7 +45,8 @@ def staging_path(target: str | os.PathLike, suffix: str) -> Path:
 class Manifest:
     """Append-only JSON-lines log ``<root>/<name>`` of committed and finished jobs (module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, name: str, staging_suffix: str):
+    def __init__(self, root: str | os.PathLike, name: str, staging_suffix: str, repair: bool = True):
+        """Read ``<root>/<name>`` if it exists; ``repair`` rewrites it without a torn last line."""
         self.root = Path(root)
         self.path = self.root / name
         self.staging_suffix = staging_suffix
@@ -69,7 +70,7 @@ class Manifest:
                                 f"remove the line or the manifest to continue") from exc
             good.append(line)
             self.records[record["sample"]] = record
-        if not text.endswith("\n") and text:  # make the next append start on a fresh line
+        if repair and not text.endswith("\n") and text:  # make the next append start on a fresh line
             write_text(self.path, "".join(f"{line}\n" for line in good))
 
     def exists(self) -> bool:

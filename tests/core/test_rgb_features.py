@@ -154,8 +154,12 @@ def test_bad_weight_files(tmp_path):
         build_rgb_extractor(weights=tmp_path / "nothere.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00garbage")
-    with pytest.raises(DataError, match="junk.pth"):
+    with pytest.raises(DataError, match="junk.pth: not a weights file"):
         build_rgb_extractor(weights=junk)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"conv1.weight": object()}, pickled)
+    with pytest.raises(DataError, match=r"pickled.pth: cannot read weights \(\w+: [^\n]+\)$"):
+        build_rgb_extractor(weights=pickled)
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, wrong)
     with pytest.raises(DataError, match="do not fit"):
