@@ -103,13 +103,13 @@ class CutResult:
     source: Optional[dict] = None       # core.patch_files.source_record of the cloud
 
 
-UNPREPROCESSED_FIX = ("run tools/preprocessing.py on the data set first and cut its output "
-                      "(or pass --allow_unpreprocessed to cut it anyway)")
+LOOKS_UNPREPROCESSED = ("the cloud still seems to contain its background plane (too many valid pixels, or "
+                        "valid pixels along the border)")
 
 
 def _refuse_unpreprocessed(source: Path) -> None:
-    raise DataError(f"{source}: the cloud still seems to contain its background plane (too many valid pixels, "
-                    f"or valid pixels along the border); {UNPREPROCESSED_FIX}")
+    raise DataError(f"{source}: {LOOKS_UNPREPROCESSED}; run tools/preprocessing.py on the data set first and cut "
+                    f"its output (or pass --allow_unpreprocessed to cut it anyway)")
 
 
 def cut_arrays(job: PatchJob, options: CutOptions) -> tuple[dict[str, np.ndarray], CutResult]:
@@ -207,8 +207,7 @@ class UnpreprocessedWarning(UserWarning):
 
 
 def _warn_unpreprocessed(source: Path) -> None:
-    warnings.warn(f"{source}: the cloud still seems to contain its background plane (too many valid "
-                  f"pixels, or valid pixels along the border); cut anyway (--allow_unpreprocessed)",
+    warnings.warn(f"{source}: {LOOKS_UNPREPROCESSED}; cut anyway (--allow_unpreprocessed)",
                   UnpreprocessedWarning, stacklevel=3)
 
 

@@ -379,18 +379,22 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
         manifest.discard_staged(task.targets)
     if pending and not manifest.exists():
         _refuse_if_preprocessed(root, pending)
-    created = not out_root.exists()
+    created = out_root                               # the topmost folder this run creates, if any
+    while not created.parent.exists():
+        created = created.parent
+    created = None if out_root.exists() else created
     out_root.mkdir(parents=True, exist_ok=True)      # only now: a refused run leaves no folder behind
     try:
         _run_pending(root, out_root, pending, folders, manifest, summary, workers, progress)
     finally:
-        if created and not any(p.is_file() for p in out_root.rglob("*")):
-            shutil.rmtree(out_root)                    # nothing written (e.g. every sample failed)
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created)                     # nothing written (e.g. every sample failed)
     return summary
 
 
 def _run_pending(root: Path, out_root: Path, pending: list[_Task], folders: set, manifest: Manifest,
                  summary: RunSummary, workers: int, progress: bool) -> None:
+    """Preprocess ``pending`` into ``summary`` (commits through ``manifest``); copy the other files."""
 
     def handle(result: dict) -> None:
         if result["ok"]:

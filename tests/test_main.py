@@ -4,10 +4,12 @@ The parity run (one class, 8 training and 6 test samples) is dominated by the SD
 ~3,750 patches x 500 points x 4.2 MFLOP = 8 TFLOP, about 1.5-2 minutes on 2 CPU cores.
 It runs once per module and every parity assertion reads its outputs.
 
-Measured residuals against ``expected/`` (all explained by float32 rounding, none by logic):
+Measured residuals against ``expected/`` (all explained by float32 rounding, none by logic), on an
+AMD Zen 5 under ATEN_CPU_CAPABILITY=default/avx2/avx512; other CPUs' kernels round differently, so
+the tests assert stated bounds, not these numbers:
 * image scores: max relative difference 2.3e-6 (RGB 1.2e-7, SDF 2.1e-6, RGB_SDF 2.3e-6).
 * SDF features: batched encoder vs the reference's one-patch-per-call, max |d| 7.1e-6 (2e-6
-  relative; one patch per call reproduces them bit for bit, see tests/core/test_memory.py).
+  relative; within 8x the predicted float32 rounding scale, see tests/core/test_memory.py).
 * RGB 28x28 maps: 4 of 2,385 foreground cells differ (by up to 1e-3) because the
   reference's float32 ``cdist`` (|x|^2+|y|^2-2xy) ordered a near-tie among the 5 nearest
   memory features differently on its CPU; the same call here is deterministic but its
@@ -15,8 +17,9 @@ Measured residuals against ``expected/`` (all explained by float32 rounding, non
 * SDF raw map: one pixel (of 6 x 50,176) differs, where the reference's |SDF| was exactly
   0.0 in float32 (ours 6e-8) and its "0 means unset" rule let a later, larger value replace
   it (SPEC 11 #29, fixed here).
-* blurred maps (all four kinds): every pixel within one 8-bit level of its map's maximum.
-* alignment weight/bias: 1.4e-5 / 2.4e-4 relative (near-ties as above, in alignment mode).
+* blurred maps (all four kinds): 0.01-0.1 % of the pixels differ, by one 8-bit level, each within
+  utils.blur.level_difference_bound of the quantised inputs' difference.
+* alignment weight/bias: 0.7-1.4e-5 / 0.4-2.2e-4 relative (bound from the level changes: ~1e-3 / 2e-2).
 * results.txt, testing_state.txt: identical.
 """
 from __future__ import annotations
