@@ -26,7 +26,7 @@ from core.params import FLAGS, MethodParams  # noqa: E402
 from core.patch_files import POINT_NUM  # noqa: E402
 from core.pipeline import RunConfig, run  # noqa: E402
 from core.rgb_features import BACKBONES  # noqa: E402
-from utils.cli import config_from_args, make_parser, parse_config, run_cli  # noqa: E402
+from utils.cli import add_names, config_from_args, make_parser, parse_config, run_cli  # noqa: E402
 from utils.distributed import is_main  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 
@@ -41,11 +41,13 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
                    help="the data set before preprocessing, for the raw sample sizes when --datasets_path was "
                         "preprocessed elsewhere (without tools/preprocessing.py's manifest); not needed otherwise")
     p.add_argument("--output_dir", type=Path, default=Path("output"), help="results go to a new timestamped folder here")
-    p.add_argument("--classes", nargs="+", default=None,
-                   help="classes to run (default: every class folder found, MVTec order for MVTec 3D-AD)")
+    add_names(p, "--classes", default=None,
+              help="classes to run, e.g. 'bagel cookie' or bagel,cookie (default: every class folder found, MVTec "
+                   "order for MVTec 3D-AD)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the training-sample orders (as the reference)")
-    p.add_argument("--viz", action="store_true", help="write heatmaps and optimal thresholds (SPEC 10)")
+    p.add_argument("--viz", "--vis", action="store_true",
+                   help="write heatmaps and optimal thresholds (SPEC 10); --vis is an alias (the authors' README)")
     p.add_argument("--save_maps", action="store_true",
                    help="write each test sample's fused map as float32 TIFF at the raw sample's size (padding "
                         "cropped), in the layout of the official MVTec 3D-AD evaluation: "

@@ -57,6 +57,7 @@ from core.outputs import (ClassResult, ClassSummary, make_result_dir, summarize,
                           write_class_outputs, write_configuration, write_results)
 from core.params import MethodParams
 from core.patch_files import POINT_NUM
+from core.preflight import check_run_inputs
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
 from utils import distributed
@@ -275,6 +276,7 @@ def _run_shard(cfg: RunConfig, device: torch.device, classes: Optional[list[str]
     rank, world_size, main_rank = distributed.rank(), distributed.world_size(), distributed.is_main()
     classes, shards = distributed.broadcast(
         (classes, shard_classes(cfg.datasets_path, classes, world_size)) if main_rank else None)
+    check_run_inputs(cfg.datasets_path, cfg.grid_path, shards[rank], cfg.output_dir)   # before any model or work
     if cfg.raw_datasets_path is not None and not Path(cfg.raw_datasets_path).is_dir():
         raise DataError(f"{cfg.raw_datasets_path}: --raw_datasets_path is not a folder; name the data set "
                         f"before preprocessing (or leave the flag out)")

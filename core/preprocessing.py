@@ -38,7 +38,7 @@ from tqdm import tqdm
 from core.clustering import dbscan_labels, fit_plane, largest_cluster_mask
 from core.dataset import BORDER, SPLITS, defect_types, find_classes, samples_in, valid_mask
 from utils.errors import ConfigError, DataError
-from utils.io import copy_file, read_gray, read_rgb, read_xyz, write_png, write_xyz
+from utils.io import check_output_dir, copy_file, read_gray, read_rgb, read_xyz, write_png, write_xyz
 from utils.manifest import Manifest, stage_files
 from utils.pool import ordered_map
 
@@ -105,6 +105,7 @@ class Preprocessed:
     kept_label: int                 # the label kept (-1 = noise, KEEP #4)
     raw_shape: tuple[int, int]      # (H, W) of the input sample
     padding: tuple[tuple[int, int], tuple[int, int]]   # ((top, bottom), (left, right)), SPEC 2.1 step 4
+    nonfinite: int = 0              # points with a NaN or inf coordinate, set to (0, 0, 0)
 
     def stats(self) -> dict:
         """What the manifest records of the sample; ``raw_shape`` and ``padding`` give main.py the
@@ -112,7 +113,7 @@ class Preprocessed:
         return dict(plane=[float(v) for v in self.plane], removed_plane=self.removed_plane,
                     removed_cluster=self.removed_cluster, kept=self.kept, clusters=self.clusters,
                     kept_label=self.kept_label, raw_shape=list(self.raw_shape),
-                    padding=[list(p) for p in self.padding])
+                    padding=[list(p) for p in self.padding], nonfinite=self.nonfinite)
 
 
 def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray] = None, seed: Optional[int] = 0,
@@ -126,6 +127,9 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
     point is left after the plane removal.
     """
     h, w = xyz.shape[:2]
+    nonfinite = ~np.isfinite(xyz).all(axis=-1)
+    if nonfinite.any():   # missing data, as MVTec 3D-AD marks it: (0, 0, 0); colours kept (invalid pixels)
+        xyz = np.where(nonfinite[..., None], np.float32(0), xyz)
     if rgb.shape[:2] != (h, w) or (gt is not None and gt.shape[:2] != (h, w)):
         raise PreprocessingError(f"{name}: image sizes differ: xyz {h}x{w}, rgb {rgb.shape[0]}x{rgb.shape[1]}"
                                  + ("" if gt is None else f", gt {gt.shape[0]}x{gt.shape[1]}"))
@@ -161,7 +165,8 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
         xyz=pad_to_square(out_xyz.reshape(xyz.shape)), rgb=pad_to_square(out_rgb.reshape(rgb.shape)),
         gt=None if gt is None else pad_to_square(gt), plane=plane,
         removed_plane=int(np.count_nonzero(removed & valid)), removed_cluster=len(drop), kept=int(keep.sum()),
-        clusters=int(labels.max()) + 1, kept_label=int(labels[keep][0]), raw_shape=(h, w), padding=pad_widths(h, w))
+        clusters=int(labels.max()) + 1, kept_label=int(labels[keep][0]), raw_shape=(h, w), padding=pad_widths(h, w),
+        nonfinite=int(nonfinite.sum()))
 
 
 # ----------------------------------------------------------------------------- data set: files and manifest
@@ -260,6 +265,7 @@ class RunSummary:
     recovered: int = 0                                      # interrupted commits completed
     copied: int = 0                                         # other files copied (output_dir mode)
     multi_cluster: int = 0                                  # processed samples with > 1 cluster
+    nonfinite: dict[str, int] = field(default_factory=dict)  # sample -> points with NaN/inf, set to (0, 0, 0)
     failures: list[tuple[str, str]] = field(default_factory=list)   # (relative path, message)
 
     @property
@@ -273,6 +279,10 @@ class RunSummary:
         if self.multi_cluster:
             lines.append(f"{self.multi_cluster} sample(s) had more than one DBSCAN cluster "
                          f"(cluster sizes in {self.out_root / MANIFEST})")
+        if self.nonfinite:
+            lines.append(f"{len(self.nonfinite)} sample(s) had {sum(self.nonfinite.values())} point(s) with a NaN or "
+                         f"inf coordinate, written as (0, 0, 0) (missing data), e.g. {next(iter(self.nonfinite))}: "
+                         f"{next(iter(self.nonfinite.values()))}")
         if self.failures:
             lines.append(f"{len(self.failures)} FAILED:")
             lines += [f"  {message}" for _, message in self.failures]
@@ -280,18 +290,20 @@ class RunSummary:
 
 
 def _check_roots(root: Path, output_dir: Optional[Path]) -> Path:
+    """The output root (``root`` itself in place), checked to be writable; creates nothing."""
     if not root.is_dir():
         raise DataError(f"{root}: data set path is not a folder")
     if output_dir is None or Path(output_dir).resolve() == root.resolve():
+        check_output_dir(root, "DATASET_PATH (preprocessed in place)")
         return root
     out_root = Path(output_dir)
+    check_output_dir(out_root, "--output_dir")
     a, b = root.resolve(), out_root.resolve()
     if a in b.parents or b in a.parents:
         raise DataError(f"{out_root}: the output folder must be neither inside the data set {root} nor contain it")
     if (root / MANIFEST).exists():
         raise DataError(f"{root}: holds {MANIFEST}, so it is already preprocessed; "
                         f"run on the raw data set instead")
-    out_root.mkdir(parents=True, exist_ok=True)
     return out_root
 
 
@@ -366,12 +378,30 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
         manifest.discard_staged(task.targets)
     if pending and not manifest.exists():
         _refuse_if_preprocessed(root, pending)
+    created = out_root                               # the topmost folder this run creates, if any
+    while not created.parent.exists():
+        created = created.parent
+    created = None if out_root.exists() else created
+    out_root.mkdir(parents=True, exist_ok=True)      # only now: a refused run leaves no folder behind
+    try:
+        _run_pending(root, out_root, pending, folders, manifest, summary, workers, progress)
+    finally:
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created)                     # nothing written (e.g. every sample failed)
+    return summary
+
+
+def _run_pending(root: Path, out_root: Path, pending: list[_Task], folders: set, manifest: Manifest,
+                 summary: RunSummary, workers: int, progress: bool) -> None:
+    """Preprocess ``pending`` into ``summary`` (commits through ``manifest``); copy the other files."""
 
     def handle(result: dict) -> None:
         if result["ok"]:
             manifest.commit(result["key"], result["files"], stats=result["stats"])
             summary.processed.append(result["key"])
             summary.multi_cluster += result["stats"]["clusters"] > 1
+            if result["stats"]["nonfinite"]:
+                summary.nonfinite[result["key"]] = result["stats"]["nonfinite"]
         else:
             summary.failures.append((result["key"], result["error"]))
 
@@ -381,4 +411,3 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
             bar.update()
     if out_root != root:
         summary.copied = _copy_other_files(root, out_root, folders)
-    return summary

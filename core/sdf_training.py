@@ -58,7 +58,7 @@ from core.sdf_model import SDFModel, model_from_checkpoint, read_checkpoint, sav
 from utils import distributed
 from utils.errors import ConfigError, DataError
 from utils.global_batchnorm import synchronise_batchnorm
-from utils.io import atomic_path, load_npz, make_run_dir, save_configuration, write_text
+from utils.io import atomic_path, check_output_dir, load_npz, make_run_dir, save_configuration, write_text
 from utils.launch import launch
 CACHE_DIR = ".cache"
 IN_MEMORY_LIMIT = 4 * 2**30
@@ -379,6 +379,7 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
             raise DataError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.epoch < 0 or not cfg.learning_rate > 0:
         raise DataError(f"--epoch must be >= 0 and --learning_rate > 0, got {cfg.epoch} and {cfg.learning_rate}")
+    check_output_dir(cfg.ckpt_path, "--ckpt_path")
     info = launch()
     rank_batch_size(cfg.batch_size, info.world_size)
     device = distributed.rank_device(cfg.device)

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.runner.pipeline import DemoConfig, StepFailed, run_pipeline  # noqa: E402
-from utils.cli import make_parser, parse_config, split_names  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
@@ -31,8 +31,9 @@ def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, grids, checkpoint and results")
     p.add_argument("--dataset", choices=("mvtec", "eyecandies"), default=d.dataset,
                    help="the synthetic set's format: MVTec 3D-AD, or the Eyecandies release (converted first)")
-    p.add_argument("--classes", nargs="+", default=None,
-                   help="default: bagel cookie (mvtec), CandyCane ChocolateCookie (eyecandies)")
+    add_names(p, "--classes", default=None,
+              help="e.g. 'bagel cookie' or bagel,cookie (default: bagel cookie rope (mvtec), "
+                   "CandyCane ChocolateCookie (eyecandies))")
     p.add_argument("--n_train", type=int, default=d.n_train)
     p.add_argument("--n_test_good", type=int, default=d.n_test_good)
     p.add_argument("--n_test_defect", type=int, default=d.n_test_defect, help="per defect type")
@@ -43,9 +44,7 @@ def parse_args(argv=None) -> tuple[DemoConfig, argparse.Namespace]:
                    help="train_3Dmodel.py --epoch (runs epoch+1 passes)")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--seed", type=int, default=d.seed)
-    cfg, cli = parse_config(p, DemoConfig, argv, cli_only=("out",))
-    cfg.classes = split_names(cfg.classes)
-    return cfg, cli
+    return parse_config(p, DemoConfig, argv, cli_only=("out",))
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.synthetic import eyecandies, mvtec  # noqa: E402
 from tools.synthetic.mvtec import (CLASSES, DEFAULT_DEFECTS, DEFAULT_SHAPES, DEFAULT_SIDE, DEFECTS,  # noqa: E402
                                    SyntheticConfig)
-from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
@@ -32,10 +32,10 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
     p.add_argument("out", type=Path, help="output data set root")
     p.add_argument("--format", choices=("mvtec", "eyecandies"), default="mvtec",
                    help="the MVTec 3D-AD layout, or the files of the Eyecandies release")
-    p.add_argument("--classes", nargs="+", default=None,
-                   help=f"class names (default: bagel cookie; with --format eyecandies: "
-                        f"{' '.join(eyecandies.DEFAULT_CLASSES)}), from: {', '.join(sorted(CLASSES))}; "
-                        f"with --format eyecandies from: {', '.join(eyecandies.LOOKS)}")
+    add_names(p, "--classes", default=None,
+              help=f"class names (default: bagel cookie; with --format eyecandies: "
+                   f"{' '.join(eyecandies.DEFAULT_CLASSES)}), from: {', '.join(sorted(CLASSES))}; "
+                   f"with --format eyecandies from: {', '.join(eyecandies.LOOKS)}")
     p.add_argument("--n_train", "--n-train", type=int, default=20, help="training samples per class")
     p.add_argument("--n_val", "--n-val", type=int, default=2, help="validation samples per class")
     p.add_argument("--n_test_good", "--n-test-good", type=int, default=4, help="good test samples per class")
@@ -46,15 +46,14 @@ def parse_args(argv=None) -> tuple[SyntheticConfig, argparse.Namespace]:
                    help=f"image size H W, or one side for square images (default: per class, "
                         f"{DEFAULT_SIDE} x {DEFAULT_SIDE}; {defaults}; with --format eyecandies one even side, 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--defects", nargs="+", default=list(DEFAULT_DEFECTS),
-                   help=f"defect types, from: {', '.join(DEFECTS)}")
+    add_names(p, "--defects", default=list(DEFAULT_DEFECTS),
+              help=f"defect types, from: {', '.join(DEFECTS)}")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace existing class folders")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     cfg, cli = parse_config(p, SyntheticConfig, argv, cli_only=("quiet",))
     eye = cfg.format == "eyecandies"
-    cfg.classes = split_names(cfg.classes) or list(eyecandies.DEFAULT_CLASSES if eye else ("bagel", "cookie"))
-    cfg.defects = split_names(cfg.defects)
+    cfg.classes = cfg.classes or list(eyecandies.DEFAULT_CLASSES if eye else ("bagel", "cookie"))
     if eye:
         if cfg.size is not None and len(cfg.size) != 1:
             p.error(f"--format eyecandies writes square images: give one --size, got {cfg.size}")

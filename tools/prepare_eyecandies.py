@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.eyecandies.convert import ConvertConfig, convert  # noqa: E402
 from tools.eyecandies.release import DEFAULT_LIGHT, LIGHTS  # noqa: E402
-from utils.cli import (EXIT_INTERRUPTED, interruptible, make_parser, parse_config, run_cli,  # noqa: E402
-                       split_names)
+from utils.cli import EXIT_INTERRUPTED, add_names, interruptible, make_parser, parse_config, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[ConvertConfig, argparse.Namespace]:
@@ -31,12 +30,10 @@ def parse_args(argv=None) -> tuple[ConvertConfig, argparse.Namespace]:
     p.add_argument("out", type=Path, help="output root in the MVTec 3D-AD layout")
     p.add_argument("--light", type=int, default=DEFAULT_LIGHT, choices=range(len(LIGHTS)),
                    help="RGB image to use: " + ", ".join(f"{i} {name}" for i, name in enumerate(LIGHTS)))
-    p.add_argument("--classes", nargs="+", default=None, help="classes to convert (default: every class found)")
+    add_names(p, "--classes", default=None, help="classes to convert (default: every class found)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (same bytes as 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    cfg, cli = parse_config(p, ConvertConfig, argv, cli_only=("quiet",))
-    cfg.classes = split_names(cfg.classes)
-    return cfg, cli
+    return parse_config(p, ConvertConfig, argv, cli_only=("quiet",))
 
 
 def execute(cfg: ConvertConfig, cli: argparse.Namespace) -> int:

@@ -11,7 +11,10 @@ paper's; 0 quantises without blurring).
 
 :func:`extended_box_blur_u8` is a NumPy fixed-point emulation of Pillow's extended box
 blur for any radius; it exists to document and test the algorithm (it equals Pillow bit
-for bit) and to blur a whole stack of 8-bit maps at once.
+for bit) and to blur a whole stack of 8-bit maps at once. :func:`level_difference_bound` uses the same
+passes to bound how far two blurred maps can differ given how far their 8-bit inputs differ:
+the tolerance of every comparison of blurred maps across CPUs (whose float kernels move
+a pixel across a level boundary here and there).
 """
 from __future__ import annotations
 
@@ -73,13 +76,22 @@ def blur_map(m: np.ndarray, radius: float = BLUR_RADIUS) -> np.ndarray:
     m = np.asarray(m)
     if m.ndim != 2:
         raise ValueError(f"blur_map expects an (H, W) map, got shape {m.shape}")
-    u8 = quantize_u8(m)
+    levels = blurred_levels(m, radius)    # checks the values
     peak = np.float32(m.max())
     if not peak > 0:
         return np.zeros(m.shape, dtype=np.float32)
-    blurred = np.asarray(Image.fromarray(u8).filter(ImageFilter.GaussianBlur(radius=radius)))
     # torchvision ToTensor: uint8 -> float32 / 255; then "* map_max" in float32.
-    return (blurred.astype(np.float32) / np.float32(255)) * peak
+    return (levels.astype(np.float32) / np.float32(255)) * peak
+
+
+def blurred_levels(m: np.ndarray, radius: float = BLUR_RADIUS) -> np.ndarray:
+    """The 8-bit image inside :func:`blur_map`: Pillow's blur of :func:`quantize_u8` of ``m`` (uint8).
+
+    ``blur_map(m) == blurred_levels(m) / 255 * max(m)`` in float32; comparing these integer
+    levels separates the blur from the float scale factor.
+    """
+    u8 = quantize_u8(np.asarray(m))
+    return np.asarray(Image.fromarray(u8).filter(ImageFilter.GaussianBlur(radius=radius)))
 
 
 def blur_maps(maps: np.ndarray, radius: float = BLUR_RADIUS) -> np.ndarray:
@@ -93,8 +105,11 @@ def blur_maps(maps: np.ndarray, radius: float = BLUR_RADIUS) -> np.ndarray:
     return out
 
 
-def _box_pass(u: np.ndarray, axis: int, low: int, ww: int, fw: int) -> np.ndarray:
-    """One 1-D extended-box pass of Pillow along ``axis`` (edge pixels replicated)."""
+def _box_pass(u: np.ndarray, axis: int, low: int, ww: int, fw: int, offset: int = 1 << 23) -> np.ndarray:
+    """One 1-D extended-box pass of Pillow along ``axis`` (edge pixels replicated), int64 out.
+
+    ``offset`` 2**23 rounds to nearest (Pillow); 2**24 - 1 rounds up (:func:`level_difference_bound`).
+    """
     pad = low + 1
     width = [(0, 0)] * u.ndim
     width[axis] = (pad, pad)
@@ -106,7 +121,7 @@ def _box_pass(u: np.ndarray, axis: int, low: int, ww: int, fw: int) -> np.ndarra
     # inner sum over in[x-l .. x+l] for output x: padded indices x+1 .. x+2l+1
     inner = np.take(csum, np.arange(n) + 2 * low + 2, axis=axis) - np.take(csum, np.arange(n) + 1, axis=axis)
     outer = np.take(p, np.arange(n), axis=axis) + np.take(p, np.arange(n) + 2 * pad, axis=axis)
-    return ((inner * ww + outer * fw + (1 << 23)) >> 24).astype(np.uint8)
+    return (inner * ww + outer * fw + offset) >> 24
 
 
 def extended_box_blur_u8(u8: np.ndarray, radius: float = BLUR_RADIUS) -> np.ndarray:
@@ -129,4 +144,32 @@ def extended_box_blur_u8(u8: np.ndarray, radius: float = BLUR_RADIUS) -> np.ndar
     for axis in (-1, -2):
         for _ in range(_PASSES):
             u = _box_pass(u, axis % u.ndim, low, ww, fw)
-    return u
+    return u.astype(np.uint8)
+
+
+def level_difference_bound(q_a: np.ndarray, q_b: np.ndarray, radius: float = BLUR_RADIUS) -> np.ndarray:
+    """Per pixel, an upper bound of ``|blur(q_a) - blur(q_b)|`` in levels for two 8-bit images
+    (same shape (..., H, W)) blurred as :func:`extended_box_blur_u8` / Pillow do.
+
+    Each pass ``P`` has non-negative integer weights summing to 2**24, so it is monotone and
+    ``P(x + c) = P(x) + c`` for an integer constant ``c``; and for ``e >= 0``,
+    ``P(x + e) <= P(x) + ceil(K e)`` (``floor(s + t) <= floor(s) + ceil(t)``, ``K`` the pass's
+    real-valued kernel). Writing ``q_a <= q_b + t + e`` with ``e = max(|q_a - q_b| - t, 0)``
+    and composing the six passes gives ``|blur(q_a) - blur(q_b)| <= t + ceil-propagated e``
+    for every integer ``t >= 0``. The result is the minimum of that bound over
+    ``t = 0 ... max|q_a - q_b|`` (``t = 0``: pixels far from every changed input pixel are
+    equal; ``t = max``: the blur never increases the largest difference).
+    """
+    diff = np.abs(np.asarray(q_a, dtype=np.int64) - np.asarray(q_b, dtype=np.int64))
+    if radius == 0:
+        return diff
+    low, ww, fw = box_weights(radius)
+    best = None
+    for t in range(int(diff.max(initial=0)) + 1):
+        e = np.maximum(diff - t, 0)
+        for axis in (-1, -2):
+            for _ in range(_PASSES):
+                e = _box_pass(e, axis % e.ndim, low, ww, fw, offset=(1 << 24) - 1)
+        bound = e + t
+        best = bound if best is None else np.minimum(best, bound)
+    return best

@@ -62,6 +62,23 @@ def split_names(values: Iterable[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v]
 
 
+class _Names(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = split_names(values)
+        bad = [n for n in names if self.valid is not None and n not in self.valid]
+        if not names or bad:
+            parser.error(f"argument {option_string}: invalid choice(s) {bad or names!r} (choose from "
+                         f"{', '.join(self.valid)})" if bad else f"argument {option_string}: expected a name")
+        setattr(namespace, self.dest, names)
+
+
+def add_names(parser: argparse.ArgumentParser, *flags: str, choices: Iterable[str] | None = None, **kwargs) -> None:
+    """A list-of-names option (classes, defect types, stages), the one convention of every script:
+    ``--classes a b``, ``--classes a,b`` or both mixed; ``choices`` are checked after splitting."""
+    action = type("Names", (_Names,), {"valid": None if choices is None else tuple(choices)})
+    parser.add_argument(*flags, nargs="+", action=action, **kwargs)
+
+
 def run_cli(body: Callable[..., int], *args) -> int:
     """``body(*args)``; a :class:`ShapeGuidedError` becomes ``error: <message>`` on stderr and exit 2.
 

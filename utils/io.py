@@ -12,6 +12,7 @@ import datetime
 import itertools
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -31,6 +32,9 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.part(\.[^.]+)?")   # what atomic_path's mkstemp names look like
 
 
 @contextlib.contextmanager
@@ -54,6 +58,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporaries (``.<stem>.<8 random>.part<suffix>``) that a killed :func:`atomic_path`
+    left in ``folder``; return how many. Only for folders no other process is writing to."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """Raise :class:`DataError` unless ``path`` is, or can be created as, a folder this process may write to.
+
+    Creates nothing: checks ``path`` if it exists, else its nearest existing ancestor.
+    ``option`` names the flag in the message (e.g. ``--output_dir``).
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise DataError(f"{path}: {option} {what}, not a folder; pass a folder path to {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (its parent {existing} is not writable)"
+        raise DataError(f"{path}: {option} is not writable by this user{where}; pass a folder you can write "
+                        f"to, or fix its permissions")
 
 
 def write_xyz(path: str | os.PathLike, xyz: np.ndarray) -> None:
@@ -136,6 +171,17 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------- readers
+def torch_file_format(path: str | os.PathLike) -> str | None:
+    """``"zip"`` (torch.save's format), ``"pickle"`` (the legacy format) or None (neither: e.g. a text file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:   # pickle protocol 2-5
+        return "pickle"
+    return None
+
+
 def _require_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -169,6 +215,17 @@ def read_tiff_shape(path: str | os.PathLike) -> tuple[int, ...]:
             return tuple(int(n) for n in tif.pages[0].shape)
     except Exception as exc:  # tifffile raises many types for corrupt data
         raise DataError(f"{path}: cannot read TIFF header ({type(exc).__name__}: {exc})") from exc
+
+
+def read_image_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image, read from its header only."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_image(path: Path, mode: str) -> np.ndarray:

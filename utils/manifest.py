@@ -92,7 +92,8 @@ def stage_files(writes: Iterable[tuple[Path, Callable[[Path], None]]], suffix: s
 class Manifest:
     """Append-only JSON-lines log ``<root>/<name>`` of committed and finished jobs (module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, name: str, staging_suffix: str):
+    def __init__(self, root: str | os.PathLike, name: str, staging_suffix: str, repair: bool = True):
+        """Read ``<root>/<name>`` if it exists; ``repair`` rewrites it without a torn last line."""
         self.root = Path(root)
         self.path = self.root / name
         self.staging_suffix = staging_suffix
@@ -100,7 +101,7 @@ class Manifest:
         if not self.path.exists():
             return
         self.records, good, torn = _parse(self.path)
-        if torn:  # make the next append start on a fresh line
+        if repair and torn:  # make the next append start on a fresh line
             write_text(self.path, "".join(f"{line}\n" for line in good))
 
     def exists(self) -> bool:

@@ -100,6 +100,9 @@ def small_parity_memory(parity_parts):
     return _memory(parity_parts), model, rgb, inp, device
 
 
+MAP_RTOL, MAP_ATOL = 1e-4, 1e-6   # unblurred maps: float32 rounding of batched vs per-patch calls
+
+
 @pytest.mark.parametrize("mode", ["testing", "alignment"])
 def test_batched_predict_equals_authors_way(small_parity_memory, mode):
     memory, model, rgb, inp, device = small_parity_memory
@@ -110,15 +113,21 @@ def test_batched_predict_equals_authors_way(small_parity_memory, mode):
     assert set(times) == {"sdf_encode", "rgb_features", "sdf_knn_omp", "sdf_decoder", "rgb_knn_omp", "blur_fusion"}
     np.testing.assert_allclose(ours.sdf_features, ref["sdf_features"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours.patch_scores, ref["patch_scores"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(ours.sdf_map, ref["sdf_map"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(ours.rgb_map_28, ref["rgb_map_28"], rtol=1e-4, atol=1e-6)
+    maps = [("sdf_map", ours.sdf_map), ("rgb_map", ours.rgb_map)] + [("fused_map", ours.fused_map)] * (mode == "testing")
+    for key, m in maps:
+        np.testing.assert_allclose(m, ref[key], rtol=MAP_RTOL, atol=MAP_ATOL, err_msg=key)
+    np.testing.assert_allclose(ours.rgb_map_28, ref["rgb_map_28"], rtol=MAP_RTOL, atol=MAP_ATOL)
     assert (ours.sdf_map > 0).sum() == (ref["sdf_map"] > 0).sum() > 1000
     assert (ours.rgb_map_28 > 0).sum() > 100
     diff = agreement(ours, ref)
-    assert diff["score_rel"] < 1e-5 and diff["blur_levels"] <= 1.0 + 1e-6
+    assert diff["score_rel"] < 1e-5
+    # Blurred maps, in integer levels: maps within MAP_RTOL/MAP_ATOL of each other give 8-bit inputs at most
+    # quant_bound apart (|m/M - m'/M'| <= 2 (atol + rtol M) / M, then truncation adds one level), and the
+    # blurred levels may differ only as far as level_difference_bound allows (exact, any CPU).
+    quant_bound = 1 + int(255 * 2 * (MAP_RTOL + MAP_ATOL / min(m.max() for _, m in maps)))
+    assert quant_bound == 1 and diff["quant_levels"] <= quant_bound and diff["blur_excess"] <= 0
     if mode == "testing":
         assert ours.score == np.float32(ours.sdf_score * ours.rgb_score)
-        np.testing.assert_allclose(ours.fused_map, ref["fused_map"], rtol=1e-4, atol=1e-6)
         assert ours.fused_map.dtype == np.float64 and ours.aligned_map.min() >= 0
         np.testing.assert_array_equal(ours.fused_map, np.maximum(ours.aligned_map, ours.sdf_map))
     else:

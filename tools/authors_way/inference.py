@@ -27,7 +27,7 @@ from core.dataset import IMAGE_SIZE
 from core.footprint import FEATURE_SIDE, SHIFT
 from core.inference import K_RGB, K_SDF, N_NONZERO, PDIST_EPS, stage
 from core.memory import DualMemory, SampleInput
-from utils.blur import BLUR_RADIUS, blur_map
+from utils.blur import BLUR_RADIUS, blur_map, blurred_levels, level_difference_bound, quantize_u8
 
 
 def authors_footprint(pix: torch.Tensor, shift: int = SHIFT) -> torch.Tensor:
@@ -138,23 +138,43 @@ def authors_memory_features(sdf_model, rgb_extractor, inp: SampleInput, device: 
 
 
 # ----------------------------------------------------------------------------- comparison
+def blur_agreement(pairs) -> dict:
+    """How far blurred maps differ, in integer 8-bit levels, for ``(ours, ref)`` unblurred map pairs.
+
+    ``quant_levels``: largest difference of the quantised inputs (:func:`utils.blur.quantize_u8`);
+    ``blur_levels``: largest difference of the blurred levels (:func:`utils.blur.blurred_levels`);
+    ``blur_excess``: largest amount by which a pixel's blurred difference exceeds
+    :func:`utils.blur.level_difference_bound` (<= 0 whenever the blur is Pillow's);
+    ``blur_changed``: share of pixels whose blurred level differs.
+    """
+    quant = blurred = excess = changed = pixels = 0
+    for ours, ref in pairs:
+        q_a, q_b = quantize_u8(np.asarray(ours)), quantize_u8(np.asarray(ref))
+        diff = np.abs(blurred_levels(ours).astype(np.int64) - blurred_levels(ref))
+        quant = max(quant, int(np.abs(q_a.astype(np.int64) - q_b).max()))
+        blurred = max(blurred, int(diff.max()))
+        excess = max(excess, int((diff - level_difference_bound(q_a, q_b)).max()))
+        changed, pixels = changed + int((diff > 0).sum()), pixels + diff.size
+    return dict(quant_levels=quant, blur_levels=blurred, blur_excess=excess, blur_changed=changed / max(pixels, 1))
+
+
 def agreement(ours, ref: dict) -> dict:
-    """Largest differences between a :class:`core.inference.Prediction` and :func:`authors_predict`'s output."""
+    """Largest differences between a :class:`core.inference.Prediction` and :func:`authors_predict`'s output.
+
+    Blurred maps are compared in integer levels (:func:`blur_agreement`): a float kernel that
+    rounds differently moves a pixel across a level boundary, which the blur spreads.
+    """
     def rel(a, b):
         return float(abs(np.float64(a) - np.float64(b)) / max(abs(np.float64(b)), 1e-30))
 
-    def levels(a, b, raw_max):
-        return float(np.abs(np.asarray(a, np.float64) - b).max() / (raw_max / 255)) if raw_max > 0 else 0.0
-
+    pairs = [(ours.sdf_map, ref["sdf_map"]), (ours.rgb_map, ref["rgb_map"])]
     out = dict(score_rel=max(rel(ours.sdf_score, ref["sdf_score"]), rel(ours.rgb_score, ref["rgb_score"])),
                sdf_map_abs=float(np.abs(ours.sdf_map - ref["sdf_map"]).max()),
-               rgb28_abs=float(np.abs(ours.rgb_map_28 - ref["rgb_map_28"]).max()),
-               blur_levels=max(levels(ours.sdf_map_blur, ref["sdf_map_blur"], ours.sdf_map.max()),
-                               levels(ours.rgb_map_blur, ref["rgb_map_blur"], ours.rgb_map.max())))
+               rgb28_abs=float(np.abs(ours.rgb_map_28 - ref["rgb_map_28"]).max()))
     if ours.score is not None:
         out["score_rel"] = max(out["score_rel"], rel(ours.score, ref["score"]))
-        out["blur_levels"] = max(out["blur_levels"], levels(ours.fused_map_blur, ref["fused_map_blur"],
-                                                            ours.fused_map.max()))
+        pairs.append((ours.fused_map, ref["fused_map"]))
+    out.update(blur_agreement(pairs))
     return out
 
 
