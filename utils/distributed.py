@@ -11,20 +11,47 @@ torchrun's environment describes (``env://``): NCCL when the rank computes on CU
 when its body finishes. When the body raises, the group is left as it is and the exception
 propagates: the script exits non-zero and torchrun's agent, which polls its workers every
 ``--monitor-interval`` seconds (0.1 by default), stops every other rank with SIGTERM, so a
-rank blocked in a collective never waits for the collective's timeout.
+rank blocked in a collective never waits for the collective's timeout. A rank whose
+collective breaks first (gloo notices the failed peer's closed connection before torchrun
+does) raises :class:`PeerFailedError`, a one-line user error, rather than gloo's traceback:
+the failed rank's own message is the one to read.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import re
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from utils.device import DeviceUnavailableError, resolve_device
-from utils.errors import ConfigError
+from utils.errors import ConfigError, ShapeGuidedError
 from utils.launch import launch
+
+
+class PeerFailedError(ShapeGuidedError):
+    """A collective broke because another rank ended; that rank printed the cause."""
+
+
+# gloo: "Connection reset by peer", "Connection closed by peer", "Socket closed"; NCCL: "remote process exited"
+_PEER_GONE = re.compile(r"by peer|connection (reset|closed|refused)|socket closed|remote process", re.I)
+
+
+def _peer_guard(collective):
+    """Turn the error of a collective whose peer has ended into :class:`PeerFailedError`."""
+    @functools.wraps(collective)
+    def guarded(*args, **kwargs):
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as exc:
+            if world_size() == 1 or not active() or not _PEER_GONE.search(str(exc)):
+                raise
+            raise PeerFailedError(f"stopped in {collective.__name__}() because another rank ended (its error "
+                                  f"message is the one to read; here: {str(exc).splitlines()[0][:160]})") from exc
+    return guarded
 
 
 def rank() -> int:
@@ -95,6 +122,7 @@ def _require_group() -> None:
         raise RuntimeError("a collective of a distributed run was called outside utils.distributed.session()")
 
 
+@_peer_guard
 def broadcast(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (a picklable object)."""
     if world_size() == 1:
@@ -105,6 +133,7 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+@_peer_guard
 def gather(obj: Any, dst: int = 0) -> Optional[list]:
     """Every rank's ``obj``, in rank order, on rank ``dst`` (None on the other ranks)."""
     if world_size() == 1:
@@ -115,6 +144,7 @@ def gather(obj: Any, dst: int = 0) -> Optional[list]:
     return out
 
 
+@_peer_guard
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean of ``value`` over the ranks (a new tensor, on every rank; on the rank's device for NCCL)."""
     if world_size() == 1:
@@ -125,6 +155,7 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return total / world_size()
 
 
+@_peer_guard
 def barrier() -> None:
     """Wait for every rank."""
     if world_size() > 1:
