@@ -33,8 +33,8 @@ from timm.models import load_state_dict
 from torch import nn
 
 from core.footprint import FEATURE_SIDE
-from utils.errors import DataError, ShapeGuidedError
-from utils.io import read_rgb
+from utils.errors import DataError, ShapeGuidedError, first_line
+from utils.io import read_rgb, torch_file_format
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BACKBONES", "FEATURE_SIDE",
@@ -131,10 +131,13 @@ def _hf_cached_file(repo_id: str) -> str | None:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{path}: weights file not found")
+    if path.suffix != ".safetensors" and torch_file_format(path) is None:
+        raise DataError(f"{path}: not a weights file (neither a .safetensors file nor torch.save's zip format "
+                        f"or a pickle); pass a wide_resnet50_2 checkpoint to --rgb_weights")
     try:
         sd = load_state_dict(str(path), use_ema=False)
-    except Exception as exc:  # torch.load / safetensors raise many types for bad files
-        raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # torch.load / safetensors raise many types for bad files; first line only
+        raise DataError(f"{path}: cannot read weights ({first_line(exc)})") from exc
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise DataError(f"{path}: not a state_dict of tensors")
     return sd

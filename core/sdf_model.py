@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import ShapeGuidedError
-from utils.io import atomic_path
+from utils.errors import ShapeGuidedError, first_line
+from utils.io import atomic_path, torch_file_format
 
 LATENT_DIM = 128
 HIDDEN = 512
@@ -302,10 +303,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if torch_file_format(path) is None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle); "
+                              f"pass the .pth file written by train_3Dmodel.py or the authors' ckpt_000601.pth")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:   # torch's message is several lines of weights_only advice
+        raise CheckpointError(f"{path}: holds Python objects besides tensors, which are not loaded for safety; "
+                              f"save it as {{'sdf_model': model.state_dict()}}") from exc
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: cannot read checkpoint ({first_line(exc)})") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt

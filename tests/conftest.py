@@ -32,3 +32,17 @@ def parity_dir() -> Path:
     if not PARITY.is_dir():
         pytest.fail(f"parity fixture not found at {PARITY}")
     return PARITY
+
+
+@pytest.fixture(scope="session")
+def as_unprivileged() -> list[str]:
+    """Command prefix that runs a subprocess without root's permission override, so that a read-only
+    folder is read-only for it too (tests run as root in CI): ``setpriv`` drops CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH. Empty for a non-root user."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): cannot drop root's write permission")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.bench.suite import STAGES, BenchConfig, run_benchmark  # noqa: E402
-from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config, run_cli  # noqa: E402
 from utils.precision import PRECISIONS  # noqa: E402
 
 
@@ -25,8 +25,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     d = BenchConfig()
     p = make_parser(__doc__)
     p.add_argument("--out", type=Path, default=d.out, help="output folder (data, results)")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order")
-    p.add_argument("--classes", nargs="+", default=d.classes, help="synthetic classes")
+    add_names(p, "--stages", choices=STAGES, default=list(STAGES), help=f"stages to run, in order, from {', '.join(STAGES)}")
+    add_names(p, "--classes", default=d.classes, help="synthetic classes, e.g. 'bagel cookie' or bagel,cookie")
     p.add_argument("--size", type=int, default=d.size, help="side of the generated clouds in pixels")
     p.add_argument("--n_train", type=int, default=d.n_train, help="training samples per class")
     p.add_argument("--n_test_good", type=int, default=d.n_test_good, help="good test samples per class")
@@ -36,12 +36,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
-    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=d.precision,
-                   help="inference: also run main.py's per-class loop in each precision (fp32 always included) "
-                        "and report ms per test sample by stage, the ratio to fp32 and the fidelity against fp32")
-    cfg, cli = parse_config(p, BenchConfig, argv)
-    cfg.classes = split_names(cfg.classes)
-    return cfg, cli
+    add_names(p, "--precision", choices=PRECISIONS, default=d.precision,
+              help="inference: also run main.py's per-class loop in each precision (fp32 always included) "
+                   "and report ms per test sample by stage, the ratio to fp32 and the fidelity against fp32")
+    return parse_config(p, BenchConfig, argv)
 
 
 def execute(cfg: BenchConfig, _) -> int:

@@ -201,8 +201,11 @@ def test_wrong_keys_and_shapes_are_listed(tmp_path, parity_ckpt):
         load_sdf_checkpoint(bad)
 
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pth: not a PyTorch checkpoint"):
         load_sdf_checkpoint(tmp_path / "junk.pth")
+    (tmp_path / "cut.pth").write_bytes(parity_ckpt.read_bytes()[:5000])        # a truncated zip
+    with pytest.raises(CheckpointError, match=r"cut.pth: cannot read checkpoint \(\w+: [^\n]+\)$"):
+        load_sdf_checkpoint(tmp_path / "cut.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_sdf_checkpoint(tmp_path / "absent.pth")
 

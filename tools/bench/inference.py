@@ -84,7 +84,8 @@ def benchmark(ctx) -> list[dict]:
     n_test, n_ref = len(test), min(ctx.subset, len(test))
     agree = (f"{n_ref} samples: scores max rel {worst.get('score_rel', 0):.1e}, SDF map max |d| "
              f"{worst.get('sdf_map_abs', 0):.1e}, RGB 28 map max |d| {worst.get('rgb28_abs', 0):.1e}, blurred maps "
-             f"<= {worst.get('blur_levels', 0):.2f} levels") if n_ref else None
+             f"<= {worst.get('blur_levels', 0)} level(s) on {worst.get('blur_changed', 0):.2%} of pixels") \
+        if n_ref else None
     note = f"class {cls}, {len(train)} train / {n_test} test samples, device {device}"
     rows = [row(STAGE, "memory building (SDF encode + RGB features + footprints)", t_fit.seconds / len(inputs),
                 t_fit_authors.seconds / n_sub, unit="s/train sample",

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from core.dataset import resolve_classes
+from core.dataset import list_samples, resolve_classes
 from core.inference import STAGE_NAMES
+from core.native import resolve_frames
 from core.patch_files import POINT_NUM
 from core.pipeline import Pipeline, RunConfig
 from core.rgb_features import build_rgb_extractor
@@ -43,11 +44,13 @@ _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 def run_precisions(cfg: RunConfig, modes: list[str], sdf_model, rgb, device: torch.device,
                    classes: list[str]) -> dict[str, tuple[Precision, dict]]:
     """``{mode: (precision that ran, {cls: ClassResult})}`` for fp32 (first, always) and ``modes``."""
+    tests = {cls: list_samples(cfg.datasets_path, cls, "test") for cls in classes}
+    frames = {cls: resolve_frames(tests[cls], cfg.raw_datasets_path) for cls in classes}
     out = {}
     for mode in ["fp32"] + [m for m in modes if m != "fp32"]:
         precision = resolve_precision(mode, device)
         pipe = Pipeline(dataclasses.replace(cfg, precision=mode), sdf_model, rgb, device, precision)
-        out[mode] = precision, {cls: pipe.run_class(cls) for cls in classes}
+        out[mode] = precision, {cls: pipe.run_class(cls, tests[cls], frames[cls]) for cls in classes}
     return out
 
 
