@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core.cutting import PRETRAIN_CLOUDS, CutConfig, cut_patches  # noqa: E402
 from core.grouping import SAMPLE_NUM  # noqa: E402
 from core.patch_files import POINT_NUM  # noqa: E402
-from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[CutConfig, argparse.Namespace]:
@@ -32,21 +32,29 @@ def parse_args(argv=None) -> tuple[CutConfig, argparse.Namespace]:
     p.add_argument("--sample_num", type=int, default=SAMPLE_NUM, help="noisy query copies per pretraining patch")
     p.add_argument("--pretrain_clouds", type=int, default=PRETRAIN_CLOUDS,
                    help="training clouds per class chosen for --pretrain (the authors use 20)")
-    p.add_argument("--classes", nargs="+", default=None, help="classes to cut (default: every class found)")
+    add_names(p, "--classes", default=None, help="classes to cut, e.g. 'bagel cookie' or bagel,cookie (default: every "
+                                                 "class found)")
     p.add_argument("--seed", type=int, default=0, help="seed of the FPS starts, cloud choice and noise")
     p.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
     p.add_argument("--validation", action="store_true", help="also cut the validation split (never used later)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (FPS and kNN)")
+    p.add_argument("--allow_unpreprocessed", action="store_true",
+                   help="cut clouds that still hold their background plane (refused otherwise)")
     return parse_config(p, CutConfig, argv)
 
 
 def execute(cfg: CutConfig, _) -> int:
     report = cut_patches(cfg)
-    print(f"wrote {report.written} patch file(s), kept {report.skipped} existing file(s) under {cfg.save_grid_path}")
+    recut = f" ({report.recut} recut: their source TIFF changed since they were cut)" if report.recut else ""
+    print(f"wrote {report.written} patch file(s){recut}, kept {report.skipped} existing file(s) under "
+          f"{cfg.save_grid_path}")
+    if report.unrecorded:
+        print(f"note: {report.unrecorded} existing file(s) carry no source record (cut elsewhere or by an older "
+              f"version) and were kept as they are; pass --overwrite to recut them")
     if report.unpreprocessed:
-        print(f"warning: {len(report.unpreprocessed)} cloud(s) look unpreprocessed; run tools/preprocessing.py "
-              f"first", file=sys.stderr)
+        print(f"warning: {len(report.unpreprocessed)} cloud(s) look unpreprocessed and were cut anyway "
+              f"(--allow_unpreprocessed)", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,8 @@ Reads ``G/PRETRAIN_DATA/<cls>/NNN.npz`` (written by ``cut_patches.py --pretrain`
 ``<ckpt_path>/<YYYY-mm-dd-HH-MM-SS>-knn<point_num>/`` holding ``ckpt_NNNNNN.pth``,
 ``train_states.txt`` and ``Congiguration.txt/.pickle`` (SPEC 4.3). ``--epoch E`` runs the
 epochs 0 ... E (E + 1 passes, the authors' meaning).
+
+    torchrun --nproc_per_node N train_3Dmodel.py ...   (data-parallel; --batch_size stays the global batch)
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core.patch_files import POINT_NUM  # noqa: E402
 from core.sdf_training import TrainConfig, train  # noqa: E402
 from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
+from utils.distributed import is_main  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -43,7 +46,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
 
 def execute(cfg: TrainConfig, cli: argparse.Namespace) -> int:
     run_dir = train(cfg, progress=not cli.quiet)
-    print(f"checkpoints written to {run_dir}")
+    if is_main():
+        print(f"checkpoints written to {run_dir}")
     return 0
 
 

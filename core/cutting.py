@@ -12,9 +12,17 @@ files skipped as already done, and with ``--seed 0`` on CPU the files equal the
 reference's. Pretraining noise comes from a NumPy generator per cloud seeded with
 ``(seed, i)`` (the reference's unseeded global NumPy stream cannot be replayed per cloud);
 the pretraining clouds are chosen with ``random.Random(seed)``.
+
+Writing (SPEC 3.3): a worker writes its file to a hidden staging file; the main process
+commits it through the grid's source records (:func:`core.patch_files.open_patch_manifest`:
+record, rename, done), so every patch file the cutter wrote names the TIFF it came from.
+A rerun keeps a file whose source is unchanged, recuts one whose source changed and keeps
+files without a record (cut elsewhere). Clouds that still hold their background plane are
+refused (``allow_unpreprocessed`` turns that into a warning).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import warnings
@@ -28,11 +36,12 @@ from tqdm import tqdm
 
 from core.dataset import IMAGE_SIZE, list_samples, resolve_classes
 from core.grouping import (GROUP_MUL, SAMPLE_NUM, SIGMA_NEIGHBOUR, fps_start, group_patches, load_cloud,
-                           patch_count, pretrain_arrays)
-from core.patch_files import POINT_NUM, PRETRAIN_DIR
+                           looks_unpreprocessed, patch_count, pretrain_arrays)
+from core.patch_files import (POINT_NUM, PRETRAIN_DIR, open_patch_manifest, source_changed, source_record)
 from utils.device import resolve_device
 from utils.errors import ConfigError, DataError
-from utils.io import save_npz
+from utils.io import check_output_dir, read_xyz, remove_stale_temporaries, save_npz
+from utils.manifest import Manifest, sha256_file
 from utils.pool import ordered_map, start_method
 
 PRETRAIN_GROUP_MUL = 5        # pretrain mode: forced (SPEC 3.5, KEEP #10)
@@ -56,6 +65,7 @@ class CutConfig:
     overwrite: bool = False
     validation: bool = False
     device: str = "auto"
+    allow_unpreprocessed: bool = False  # cut clouds that still hold their background plane (warning only)
 
 
 # ----------------------------------------------------------------------------- one cloud
@@ -78,6 +88,7 @@ class CutOptions:
     sample_num: int = SAMPLE_NUM
     seed: int = 0
     device: str = "cpu"
+    allow_unpreprocessed: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,11 +98,25 @@ class CutResult:
     n_patches: int = 0
     skipped: bool = False
     unpreprocessed: bool = False
+    recut: bool = False                 # rewritten because its source changed since it was cut
+    sha256: str = ""                    # of the written (staged) file
+    source: Optional[dict] = None       # core.patch_files.source_record of the cloud
+
+
+LOOKS_UNPREPROCESSED = ("the cloud still seems to contain its background plane (too many valid pixels, or "
+                        "valid pixels along the border)")
+
+
+def _refuse_unpreprocessed(source: Path) -> None:
+    raise DataError(f"{source}: {LOOKS_UNPREPROCESSED}; run tools/preprocessing.py on the data set first and cut "
+                    f"its output (or pass --allow_unpreprocessed to cut it anyway)")
 
 
 def cut_arrays(job: PatchJob, options: CutOptions) -> tuple[dict[str, np.ndarray], CutResult]:
     """Arrays of one patch file (SPEC 3.3 or 3.5) and a summary of the cloud."""
     points, pixel_idx, unpreprocessed = load_cloud(job.source)
+    if unpreprocessed and not options.allow_unpreprocessed:
+        _refuse_unpreprocessed(job.source)
     n = len(points)
     if n < options.point_num:
         raise DataError(f"{job.source}: only {n} valid points after the {IMAGE_SIZE}x{IMAGE_SIZE} resize, "
@@ -107,15 +132,13 @@ def cut_arrays(job: PatchJob, options: CutOptions) -> tuple[dict[str, np.ndarray
     return arrays, CutResult(job.target, n, count, unpreprocessed=unpreprocessed)
 
 
-def cut_one(job: PatchJob, options: CutOptions, overwrite: bool = False) -> CutResult:
-    """Cut one cloud and write its file atomically (uncompressed ``.npz`` like the reference:
-    deflate would triple the time per cloud for a 1.6x smaller file); an existing file is
-    kept unless ``overwrite``."""
-    if job.target.exists() and not overwrite:
-        return CutResult(job.target, skipped=True)
+def cut_one(job: PatchJob, options: CutOptions, staging: Path) -> CutResult:
+    """Cut one cloud and write its file to ``staging`` (uncompressed ``.npz`` like the reference:
+    deflate would triple the time per cloud for a 1.6x smaller file); the caller commits it."""
+    source = source_record(job.source)
     arrays, result = cut_arrays(job, options)
-    save_npz(job.target, compressed=False, **arrays)
-    return result
+    save_npz(staging, compressed=False, **arrays)
+    return dataclasses.replace(result, sha256=sha256_file(staging), source=source)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -160,7 +183,8 @@ def _stale_pretrain_files(jobs: list[PatchJob]) -> list[Path]:
     """npz files in the PRETRAIN_DATA class folders that the current selection does not write."""
     wanted = {j.target for j in jobs}
     folders = sorted({j.target.parent for j in jobs})
-    return [f for folder in folders if folder.is_dir() for f in sorted(folder.glob("*.npz")) if f not in wanted]
+    return [f for folder in folders if folder.is_dir() for f in sorted(folder.glob("*.npz"))
+            if f not in wanted and not f.name.startswith(".")]
 
 
 # ----------------------------------------------------------------------------- whole data set
@@ -170,6 +194,8 @@ class CutReport:
     skipped: int
     unpreprocessed: list[Path]
     results: list[CutResult]
+    recut: int = 0                      # of ``written``: sources changed since the files were cut
+    unrecorded: int = 0                 # of ``skipped``: existing files without a source record
 
 
 def _init_worker(threads: int) -> None:
@@ -177,44 +203,85 @@ def _init_worker(threads: int) -> None:
 
 
 class UnpreprocessedWarning(UserWarning):
-    """Patch cutting was run on data that looks unpreprocessed (SPEC 2)."""
+    """Patch cutting was run on data that looks unpreprocessed (SPEC 2), with ``allow_unpreprocessed``."""
 
 
 def _warn_unpreprocessed(source: Path) -> None:
-    warnings.warn(f"{source}: the cloud still seems to contain its background plane (too many valid "
-                  f"pixels, or valid pixels along the border); run tools/preprocessing.py on the data "
-                  f"set first and cut patches from its output", UnpreprocessedWarning, stacklevel=3)
+    warnings.warn(f"{source}: {LOOKS_UNPREPROCESSED}; cut anyway (--allow_unpreprocessed)",
+                  UnpreprocessedWarning, stacklevel=3)
 
 
-def _cut_job(args: tuple[PatchJob, CutOptions, bool]) -> CutResult:
+def _check_first_clouds(jobs: list[PatchJob]) -> None:
+    """Refuse an unpreprocessed data set before writing anything: the first cloud of each class is checked
+    here, the others as they are cut."""
+    firsts = {}
+    for job in jobs:
+        firsts.setdefault(job.source.parents[3], job.source)     # <root>/<cls>/<split>/<type>/xyz/<stem>.tiff
+    for source in firsts.values():
+        if looks_unpreprocessed(read_xyz(source)):
+            _refuse_unpreprocessed(source)
+
+
+def _cut_job(args: tuple[PatchJob, CutOptions, Path]) -> CutResult:
     return cut_one(*args)
 
 
-def run_jobs(jobs: list[PatchJob], options: CutOptions, workers: int = 1, overwrite: bool = False,
-             progress: bool = True) -> CutReport:
-    """Cut every job, in-process for ``workers <= 1``, else in a process pool; tqdm bar.
+def _key(manifest: Manifest, target: Path) -> str:
+    return target.relative_to(manifest.root).as_posix()
 
-    The output bytes do not depend on ``workers`` (module docstring). The first file that
-    looks unpreprocessed raises an :class:`UnpreprocessedWarning` at once; a bad cloud
-    (:class:`DataError`) stops the run, keeping the files already completed.
+
+def plan_reruns(jobs: list[PatchJob], manifest: Manifest, overwrite: bool = False
+                ) -> tuple[list[PatchJob], set[Path], list[Path]]:
+    """Split ``jobs`` into (to cut, of those the ones whose source changed, existing files kept without a
+    source record); an interrupted commit is completed first (module docstring)."""
+    todo, changed, unrecorded = [], set(), []
+    for job in jobs:
+        record = manifest.records.get(_key(manifest, job.target))
+        if record is not None and record["state"] == "commit" and manifest.roll_forward(record):
+            record = None                                   # cannot be completed: cut again
+            job.target.unlink(missing_ok=True)
+        if overwrite or not job.target.exists():
+            todo.append(job)
+        elif record is None or "source" not in record:
+            unrecorded.append(job.target)
+        elif source_changed(record["source"], job.source):
+            todo.append(job)
+            changed.add(job.target)
+    return todo, changed, unrecorded
+
+
+def run_jobs(jobs: list[PatchJob], options: CutOptions, manifest: Manifest, workers: int = 1,
+             overwrite: bool = False, progress: bool = True) -> CutReport:
+    """Cut the jobs that need it (:func:`plan_reruns`), in-process for ``workers <= 1``, else in a
+    process pool; commit each file as it comes back (tqdm bar).
+
+    The output bytes do not depend on ``workers`` (module docstring). A bad cloud
+    (:class:`DataError`) stops the run, keeping the files already committed.
     """
-    results, flagged = [], []
+    todo, changed, unrecorded = plan_reruns(jobs, manifest, overwrite)
+    if not options.allow_unpreprocessed:
+        _check_first_clouds(todo)
+    for folder in sorted({job.target.parent for job in jobs}):
+        remove_stale_temporaries(folder)                    # left by a killed run
+    manifest.discard_staged(job.target for job in jobs)     # uncommitted work (commits were completed above)
     threads = max(1, torch.get_num_threads() // max(workers, 1))
     # fork is fast and safe for CPU work (torch resets its thread pools in the child); CUDA needs spawn
     method = start_method(prefer_fork=options.device == "cpu")
-    tasks = [(job, options, overwrite) for job in jobs]
-    with tqdm(total=len(jobs), desc="pretrain patches" if options.pretrain else "patches", unit="cloud",
+    tasks = [(job, options, manifest.staging_path(job.target)) for job in todo]
+    done, flagged = {}, []
+    with tqdm(total=len(todo), desc="pretrain patches" if options.pretrain else "patches", unit="cloud",
               disable=not progress) as bar:
-        for job, result in zip(jobs, ordered_map(_cut_job, tasks, workers, method=method,
+        for job, result in zip(todo, ordered_map(_cut_job, tasks, workers, method=method,
                                                  initializer=_init_worker, initargs=(threads,))):
-            results.append(result)
+            manifest.commit(_key(manifest, job.target), {str(job.target): result.sha256}, source=result.source)
+            done[job.target] = dataclasses.replace(result, recut=job.target in changed)
             if result.unpreprocessed:
                 if not flagged:
                     _warn_unpreprocessed(job.source)
                 flagged.append(job.source)
             bar.update()
-    written = sum(not r.skipped for r in results)
-    return CutReport(written, len(results) - written, flagged, results)
+    results = [done.get(job.target) or CutResult(job.target, skipped=True) for job in jobs]
+    return CutReport(len(done), len(jobs) - len(done), flagged, results, recut=len(changed), unrecorded=len(unrecorded))
 
 
 def cut_patches(cfg: CutConfig, progress: bool = True) -> CutReport:
@@ -232,6 +299,7 @@ def cut_patches(cfg: CutConfig, progress: bool = True) -> CutReport:
         raise ConfigError(f"need point_num >= {smallest}, sample_num >= 1, group_mul >= 1 and workers >= 0; got "
                           f"point_num={cfg.point_num}, sample_num={cfg.sample_num}, group_mul={cfg.group_mul}, "
                           f"workers={cfg.workers}")
+    check_output_dir(cfg.save_grid_path, "--save_grid_path")
     device = str(resolve_device(cfg.device))   # before touching any file
     if cfg.pretrain:
         if cfg.group_mul not in (None, PRETRAIN_GROUP_MUL):
@@ -251,5 +319,6 @@ def cut_patches(cfg: CutConfig, progress: bool = True) -> CutReport:
     else:
         group_mul = GROUP_MUL if cfg.group_mul is None else cfg.group_mul
         jobs = plan_grid_jobs(cfg.datasets_path, cfg.save_grid_path, cfg.classes, cfg.validation)
-    options = CutOptions(cfg.pretrain, group_mul, cfg.point_num, cfg.sample_num, cfg.seed, device)
-    return run_jobs(jobs, options, cfg.workers, cfg.overwrite, progress)
+    options = CutOptions(cfg.pretrain, group_mul, cfg.point_num, cfg.sample_num, cfg.seed, device,
+                         cfg.allow_unpreprocessed)
+    return run_jobs(jobs, options, open_patch_manifest(cfg.save_grid_path), cfg.workers, cfg.overwrite, progress)

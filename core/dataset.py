@@ -22,6 +22,12 @@ MVTEC_CLASSES = (
     "bagel", "cable_gland", "carrot", "cookie", "dowel",
     "foam", "peach", "potato", "rope", "tire",
 )
+#: The Eyecandies classes (Bonfiglioli et al., ACCV 2022) in the release's order; converted
+#: by ``tools/prepare_eyecandies.py`` into this layout under the same names.
+EYECANDIES_CLASSES = (
+    "CandyCane", "ChocolateCookie", "ChocolatePraline", "Confetto", "GummyBear",
+    "HazelnutTruffle", "LicoriceSandwich", "Lollipop", "Marshmallow", "PeppermintCandy",
+)
 SPLITS = ("train", "validation", "test")
 GOOD = "good"
 IMAGE_SIZE = 224  # side of the working grid (SPEC conventions: the 224 x 224 grid)
@@ -75,14 +81,15 @@ def check_root(root: str | os.PathLike) -> Path:
 def find_classes(root: str | os.PathLike) -> list[str]:
     """Class folders under ``root`` (folders holding ``train`` or ``test``).
 
-    Returned in the MVTec 3D-AD order (SPEC 1.1) when every class is an MVTec class,
-    otherwise sorted by name.
+    Returned in the MVTec 3D-AD order (SPEC 1.1) when every class is an MVTec class, in the
+    Eyecandies order when every class is an Eyecandies class, otherwise sorted by name.
     """
     root = check_root(root)
     found = [p.name for p in root.iterdir()
              if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir())]
-    if found and all(c in MVTEC_CLASSES for c in found):
-        return [c for c in MVTEC_CLASSES if c in found]
+    for known in (MVTEC_CLASSES, EYECANDIES_CLASSES):
+        if found and all(c in known for c in found):
+            return [c for c in known if c in found]
     return sorted(found)
 
 

@@ -5,6 +5,8 @@ A patch's 500 pixel indices ``p`` (row-major in the 224x224 grid) fall into the 
 ``get_relative_rgb_f_indices`` returns the *shifted* set ``(F+2) ∪ (F−2) ∪ (F+56) ∪ (F−56)``
 of the patch's cells ``F`` on flat indices (so a ±2 column shift wraps to the neighbouring
 row), clipped to ``[0, 783]``; ``F`` itself is not included unless a shift reaches it (KEEP).
+``main.py --footprint_shift s`` replaces the 2 by ``s`` (shifts ``±s`` and ``±28 s``); ``s = 0``
+makes the footprint the patch's own cells ``F``.
 
 :func:`footprints` computes that set for every patch at once and stores the result in CSR
 form (``indptr``, ``cells``): patch ``g`` owns ``cells[indptr[g]:indptr[g+1]]``, sorted.
@@ -18,14 +20,24 @@ import torch
 
 from core.dataset import IMAGE_SIZE
 
-__all__ = ["GRID", "CELL", "FEATURE_SIDE", "N_CELLS", "SHIFTS",
-           "cells_of_pixels", "patch_footprint", "footprints", "union_cells"]
+__all__ = ["GRID", "CELL", "FEATURE_SIDE", "N_CELLS", "SHIFT", "SHIFTS",
+           "cells_of_pixels", "flat_shifts", "patch_footprint", "footprints", "union_cells"]
 
 GRID = IMAGE_SIZE               # side of the pixel grid (224)
 CELL = 8                        # pixels per feature cell along each axis
 FEATURE_SIDE = GRID // CELL     # 28
 N_CELLS = FEATURE_SIDE ** 2     # 784
-SHIFTS = (2, -2, 2 * FEATURE_SIDE, -2 * FEATURE_SIDE)  # flat-index shifts of SPEC 5.1 step 2
+SHIFT = 2                       # footprint shift in cells (SPEC 5.1 step 2)
+
+
+def flat_shifts(shift: int = SHIFT) -> tuple[int, int, int, int]:
+    """The flat-index shifts ``(s, -s, 28 s, -28 s)`` of a footprint shift of ``s`` cells."""
+    if not 0 <= shift < FEATURE_SIDE:
+        raise ValueError(f"footprint shift must lie in [0, {FEATURE_SIDE - 1}] cells, got {shift}")
+    return (shift, -shift, shift * FEATURE_SIDE, -shift * FEATURE_SIDE)
+
+
+SHIFTS = flat_shifts(SHIFT)     # (2, -2, 56, -56)
 
 
 def cells_of_pixels(pix):
@@ -33,24 +45,27 @@ def cells_of_pixels(pix):
     return (pix // GRID // CELL) * FEATURE_SIDE + (pix % GRID // CELL)
 
 
-def _shifted(onehot):
+def _shifted(onehot, shift: int = SHIFT):
     """Rows of a (G, 784) boolean cell indicator -> indicator of the shifted, clipped sets."""
     out = torch.zeros_like(onehot)
-    for s in SHIFTS:
-        if s > 0:
+    for s in flat_shifts(shift):
+        if s == 0:
+            out |= onehot
+        elif s > 0:
             out[:, s:] |= onehot[:, :-s]   # cell q reached from q - s
         else:
             out[:, :s] |= onehot[:, -s:]   # cell q reached from q + |s|
     return out
 
 
-def footprints(points_idx):
+def footprints(points_idx, shift: int = SHIFT):
     """CSR footprints of all patches: ``(indptr (G+1,), cells (M,))``, int64, cells sorted per patch.
 
-    ``points_idx`` is (G, P) (or (P,) for one patch) of flat pixel indices in the 224x224 grid.
+    ``points_idx`` is (G, P) (or (P,) for one patch) of flat pixel indices in the 224x224 grid;
+    ``shift`` the footprint shift in cells (the reference's 2).
     """
     if not isinstance(points_idx, torch.Tensor):
-        return tuple(t.numpy() for t in footprints(torch.as_tensor(np.ascontiguousarray(points_idx))))
+        return tuple(t.numpy() for t in footprints(torch.as_tensor(np.ascontiguousarray(points_idx)), shift))
     idx = points_idx
     if idx.ndim == 1:
         idx = idx[None]
@@ -64,16 +79,16 @@ def footprints(points_idx):
     idx = idx.long()
     onehot = torch.zeros(G, N_CELLS, dtype=torch.bool, device=idx.device)
     onehot.scatter_(1, cells_of_pixels(idx), True)
-    rows, cells = _shifted(onehot).nonzero(as_tuple=True)
+    rows, cells = _shifted(onehot, shift).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=G)
     indptr = torch.zeros(G + 1, dtype=torch.long, device=idx.device)
     torch.cumsum(counts, 0, out=indptr[1:])
     return indptr, cells
 
 
-def patch_footprint(pix):
+def patch_footprint(pix, shift: int = SHIFT):
     """Sorted shifted cell set of one patch (SPEC 5.1); ``pix`` is its (P,) pixel indices."""
-    _, cells = footprints(pix)
+    _, cells = footprints(pix, shift)
     return cells
 
 

@@ -17,6 +17,10 @@ returns them sorted ascending.
 
 "testing" mode keeps neighbours 1..k, "alignment" mode drops the nearest and keeps
 2..k+1 (SPEC 7 step 2).
+
+The paper's constants (:data:`K_SDF`, :data:`K_RGB`, :data:`N_NONZERO`, the footprint
+shift and the blur radius) are the defaults of keyword arguments; ``main.py`` passes the
+values of its method flags (:class:`core.params.MethodParams`).
 """
 from __future__ import annotations
 
@@ -29,21 +33,25 @@ import torch
 import torch.nn.functional as F
 
 from core.dataset import IMAGE_SIZE
-from core.footprint import FEATURE_SIDE, N_CELLS, footprints
-from core.memory import DualMemory, EncodedSample, SampleInput, encode_patches
+from core.footprint import FEATURE_SIDE, N_CELLS, SHIFT, footprints
+from core.memory import DualMemory, EncodedSample, SampleInput, chunk_size, encode_patches
 from core.sparse_coding import omp
-from utils.blur import blur_map
+from utils.blur import BLUR_RADIUS, blur_map
 from utils.device import Timer
+from utils.precision import FP32, Precision
 
 K_SDF = 10        # SDF neighbours per patch (SPEC 8.1, hard-coded in the reference, KEEP #22)
 K_RGB = 5         # RGB neighbours per foreground cell (SPEC 8.2)
 N_NONZERO = 3     # OMP atoms (SPEC 8.1 step 3)
 PDIST_EPS = 1e-12  # PairwiseDistance eps added to every component of the difference (KEEP #28)
-# Patches per decoder call: on CPU, 8 x 500 points keeps each (4000, 512) activation (8 MB) in
-# reused allocator memory and was fastest (95 GFLOPS vs 56 with 32 patches on 2 cores);
-# on CUDA larger batches fill the GPU.
-DECODER_CHUNK = {"cpu": 8, "cuda": 512}
+# Patches per decoder call, by (device type, dtype), measured (SPEC 12.3): on CPU, 8 x 500 points
+# keeps each (4000, 512) float32 activation (8 MB) in reused allocator memory and was fastest
+# (95 GFLOPS vs 56 with 32 patches on 2 cores); in bfloat16, 8 patches ran at 700 GFLOPS on 2
+# cores (4: 690, 16: 650, 32: 620). On CUDA larger batches fill the GPU.
+DECODER_CHUNK = {("cpu", torch.float32): 8, ("cpu", torch.bfloat16): 8,
+                 ("cuda", torch.float32): 512, ("cuda", torch.bfloat16): 512}
 MODES = ("testing", "alignment")
+STAGE_NAMES = ("sdf_encode", "rgb_features", "sdf_knn_omp", "sdf_decoder", "rgb_knn_omp", "blur_fusion")  # timed stages
 
 
 @contextlib.contextmanager
@@ -59,16 +67,20 @@ def stage(times: Optional[dict], name: str, device: torch.device):
 
 @torch.no_grad()
 def encode_sample(inp: SampleInput, sdf_model, rgb_extractor, device: torch.device,
-                  times: Optional[dict] = None) -> EncodedSample:
-    """Run both feature extractors on one sample (SPEC 5, 8.1 step 1, 8.2 step 1-2)."""
+                  times: Optional[dict] = None, shift: int = SHIFT, precision: Precision = FP32) -> EncodedSample:
+    """Run both feature extractors on one sample (SPEC 5, 8.1 step 1, 8.2 step 1-2);
+    ``shift`` is the footprint shift in cells (SPEC 5.1). The networks run in ``precision``
+    (SPEC 12.4); the features come out float32."""
     with stage(times, "sdf_encode", device):
         points = inp.points.to(device)
-        feats = encode_patches(sdf_model, points)
+        with precision.region(device):
+            feats = encode_patches(sdf_model, points, dtype=precision.dtype)
     with stage(times, "rgb_features", device):
-        rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
+        with precision.region(device):
+            rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
     pixels = inp.pixels.to(device)
     with stage(times, "rgb_knn_omp", device):   # the footprints serve the RGB branch's pool (SPEC 5.1)
-        indptr, cells = footprints(pixels)
+        indptr, cells = footprints(pixels, shift)
     inp = SampleInput(inp.sample, inp.rgb, points, pixels)
     return EncodedSample(inp, feats, rgb, indptr, cells)
 
@@ -97,7 +109,8 @@ class Prediction:
     fused_map_blur: Optional[np.ndarray] = None
 
 
-def _neighbours(queries: torch.Tensor, pool: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+def _neighbours(queries: torch.Tensor, pool: torch.Tensor, k: int, mode: str,
+                n_nonzero: int = N_NONZERO) -> torch.Tensor:
     """Indices of the nearest pool rows, ascending (SPEC 8.1 step 2, 8.2 step 4).
 
     Like the reference, takes the ``k + 1`` smallest distances and keeps 1..k ("testing")
@@ -107,21 +120,23 @@ def _neighbours(queries: torch.Tensor, pool: torch.Tensor, k: int, mode: str) ->
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     kk = min(k + 1, pool.shape[0])
-    if kk - (mode == "alignment") < N_NONZERO:
+    if kk - (mode == "alignment") < n_nonzero:
         raise ValueError(f"memory too small for {mode} mode: {pool.shape[0]} entries")
     _, idx = torch.topk(torch.cdist(queries, pool), kk, dim=1, largest=False)
     return idx[:, 1:] if mode == "alignment" else idx[:, :k]
 
 
-def _sparse_reconstruct(x: torch.Tensor, atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """OMP reconstruction of ``x`` (B, D) over ``atoms`` (B, K, D) and its error (SPEC 8.1 steps 3-4).
+def _sparse_reconstruct(x: torch.Tensor, atoms: torch.Tensor,
+                        n_nonzero: int = N_NONZERO) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP reconstruction of ``x`` (B, D) over ``atoms`` (B, K, D) with at most ``n_nonzero``
+    atoms, and its error (SPEC 8.1 steps 3-4).
 
     The reference hands torch tensors to ``sparse_encode``, which converts them to
     float64: its OMP runs in float64 with float64's machine epsilon in the stopping tests.
     The code is then cast to float32 and the reconstruction ``code @ atoms`` and the
     PairwiseDistance score are float32, as here.
     """
-    codes = omp(x.to(torch.float64), atoms.to(torch.float64), N_NONZERO).to(x.dtype)
+    codes = omp(x.to(torch.float64), atoms.to(torch.float64), n_nonzero).to(x.dtype)
     recon = (codes.unsqueeze(1) @ atoms).squeeze(1)
     return recon, F.pairwise_distance(x, recon, p=2.0, eps=PDIST_EPS)
 
@@ -142,24 +157,27 @@ def scatter_min_map(values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sdf_score_map(sdf_model, latents: torch.Tensor, points: torch.Tensor, pixels: torch.Tensor,
-                  chunk: Optional[int] = None) -> torch.Tensor:
+                  chunk: Optional[int] = None, precision: Precision = FP32) -> torch.Tensor:
     """Per-pixel minimum of |SDF| over all (patch, point) pairs (SPEC 8.1 step 5), float64 (224, 224).
 
-    One decoder pass over all patches (``chunk`` at a time) with latents (G, 128) at the
-    patch points (G, K, 3), then :func:`scatter_min_map`.
+    One decoder pass over all patches (``chunk`` at a time, default :data:`DECODER_CHUNK`) with
+    latents (G, 128) at the patch points (G, K, 3), in ``precision`` (SPEC 12.4); then
+    :func:`scatter_min_map` on the float32 |SDF|.
     """
-    chunk = chunk or DECODER_CHUNK.get(latents.device.type, DECODER_CHUNK["cpu"])
-    return scatter_min_map(sdf_model.NIF.abs_sdf(latents, points, chunk), pixels)
+    chunk = chunk or chunk_size(DECODER_CHUNK, latents.device, precision.dtype)
+    with precision.region(latents.device):
+        values = sdf_model.NIF.abs_sdf(latents, points, chunk, precision.dtype)
+    return scatter_min_map(values, pixels)
 
 
 def rgb_score_map(memory: DualMemory, enc: EncodedSample, sdf_neighbours: torch.Tensor,
-                  mode: str) -> torch.Tensor:
+                  mode: str, k_rgb: int = K_RGB, n_nonzero: int = N_NONZERO) -> torch.Tensor:
     """The 28x28 RGB map (SPEC 8.2 steps 2-5), float32 (784,): OMP error per foreground cell."""
     cells = torch.unique(enc.fp_cells)                       # F_test, sorted
     pool = memory.rgb[memory.guided_rows(sdf_neighbours)]    # M_guided
     queries = enc.rgb_features[cells]
-    nn_idx = _neighbours(queries, pool, K_RGB, mode)
-    _, err = _sparse_reconstruct(queries, pool[nn_idx])
+    nn_idx = _neighbours(queries, pool, k_rgb, mode, n_nonzero)
+    _, err = _sparse_reconstruct(queries, pool[nn_idx], n_nonzero)
     out = torch.zeros(N_CELLS, dtype=err.dtype, device=err.device)
     out[cells] = err
     return out
@@ -168,25 +186,30 @@ def rgb_score_map(memory: DualMemory, enc: EncodedSample, sdf_neighbours: torch.
 @torch.no_grad()
 def predict(memory: DualMemory, sdf_model, enc: EncodedSample, mode: str = "testing",
             weight: Optional[float] = None, bias: Optional[float] = None,
-            times: Optional[dict] = None) -> Prediction:
+            times: Optional[dict] = None, *, k_sdf: int = K_SDF, k_rgb: int = K_RGB,
+            n_nonzero: int = N_NONZERO, blur_radius: float = BLUR_RADIUS,
+            precision: Precision = FP32) -> Prediction:
     """Score one encoded sample against the class memory (SPEC 8; alignment mode: SPEC 7).
 
     Testing mode needs the class's alignment ``weight`` and ``bias`` (SPEC 8.3).
+    ``k_sdf``/``k_rgb`` neighbours, ``n_nonzero`` OMP atoms and the blur radius default to
+    the paper's values (KEEP #22, #27).
     ``times`` (optional dict) accumulates seconds per stage: ``sdf_knn_omp``,
-    ``sdf_decoder``, ``rgb_knn_omp``, ``blur_fusion``.
+    ``sdf_decoder``, ``rgb_knn_omp``, ``blur_fusion``. ``precision``: that of the decoder
+    (SPEC 12.4); everything else runs in the dtypes of the reference.
     """
     if mode == "testing" and (weight is None or bias is None):
         raise ValueError("testing mode needs the alignment weight and bias")
     device = enc.sdf_features.device
     feats = enc.sdf_features
     with stage(times, "sdf_knn_omp", device):
-        sdf_nn = _neighbours(feats, memory.sdf, K_SDF, mode)              # (G, 10)
-        recon, patch_scores = _sparse_reconstruct(feats, memory.sdf[sdf_nn])
+        sdf_nn = _neighbours(feats, memory.sdf, k_sdf, mode, n_nonzero)   # (G, 10)
+        recon, patch_scores = _sparse_reconstruct(feats, memory.sdf[sdf_nn], n_nonzero)
         sdf_score = patch_scores.max()
     with stage(times, "sdf_decoder", device):
-        sdf_map = sdf_score_map(sdf_model, recon, enc.input.points, enc.input.pixels)
+        sdf_map = sdf_score_map(sdf_model, recon, enc.input.points, enc.input.pixels, precision=precision)
     with stage(times, "rgb_knn_omp", device):
-        map28 = rgb_score_map(memory, enc, sdf_nn, mode)
+        map28 = rgb_score_map(memory, enc, sdf_nn, mode, k_rgb, n_nonzero)
         rgb_score = map28.max()
         rgb_map = F.interpolate(map28.view(1, 1, FEATURE_SIDE, FEATURE_SIDE), size=(IMAGE_SIZE, IMAGE_SIZE),
                                 mode="bilinear", align_corners=False).view(IMAGE_SIZE, IMAGE_SIZE)
@@ -196,14 +219,14 @@ def predict(memory: DualMemory, sdf_model, enc: EncodedSample, mode: str = "test
                    sdf_features=feats.cpu().numpy(), patch_scores=patch_scores.cpu().numpy(),
                    sdf_map=sdf_map.cpu().numpy(), rgb_map_28=map28.view(FEATURE_SIDE, FEATURE_SIDE).cpu().numpy(),
                    rgb_map=rgb_map.cpu().numpy())
-        out["sdf_map_blur"] = blur_map(out["sdf_map"])
-        out["rgb_map_blur"] = blur_map(out["rgb_map"])
+        out["sdf_map_blur"] = blur_map(out["sdf_map"], blur_radius)
+        out["rgb_map_blur"] = blur_map(out["rgb_map"], blur_radius)
         if mode == "testing":
             # SPEC 8.3, in the reference's dtypes: float32 affine map, float64 maximum.
             out["score"] = np.float32((sdf_score * rgb_score).item())
             aligned = (rgb_map * float(weight) + float(bias)).clamp_min(0.0)
             out["aligned_map"] = aligned.cpu().numpy()
             out["fused_map"] = np.maximum(out["aligned_map"].astype(np.float64), out["sdf_map"])
-            out["aligned_map_blur"] = blur_map(out["aligned_map"])
-            out["fused_map_blur"] = blur_map(out["fused_map"])
+            out["aligned_map_blur"] = blur_map(out["aligned_map"], blur_radius)
+            out["fused_map_blur"] = blur_map(out["fused_map"], blur_radius)
     return Prediction(**out)

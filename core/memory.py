@@ -24,20 +24,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from core.dataset import IMAGE_SIZE, Sample
 from core.footprint import N_CELLS, union_cells
 from core.patch_files import POINT_NUM, load_grid, normalize_patches
-from core.rgb_features import load_rgb_input
+from core.rgb_features import read_rgb_resized, rgb_tensor
 from utils.errors import DataError
 
-# Patches per encoder call. The (B, 1024, 500) activation is 2 MB per patch. On CPU, 4 patches
-# (8 MB buffers) is fastest and steady: with 8, glibc serves the 16 MB buffers by mmap and
-# returns them after the RGB backbone's run, so every sample pays fresh page faults (1.2-1.3 s
-# vs 0.66 s per 287-patch sample on 2 cores, measured in memory building); 32-128 are slower
-# still (cache). On CUDA large batches fill the GPU.
-ENCODER_CHUNK = {"cpu": 4, "cuda": 512}
+# Patches per encoder call, by (device type, dtype), measured (SPEC 12.3). The float32 (B, 1024, 500)
+# activation is 2 MB per patch; 4 patches (8 MB) was fastest on CPU (32-128 are slower: cache), and
+# the float32 CPU chunk also fixes the kernels' shapes, hence the faithful path's bits. bfloat16
+# halves the activation: on 2 cores 8 patches ran at 520 GFLOPS, 16 at 490, 32 at 460 (one core:
+# 8-32 alike, 64 falls out of the cache). On CUDA large batches fill the GPU.
+ENCODER_CHUNK = {("cpu", torch.float32): 4, ("cpu", torch.bfloat16): 8,
+                 ("cuda", torch.float32): 512, ("cuda", torch.bfloat16): 512}
+
+
+def chunk_size(table: dict, device: torch.device, dtype: torch.dtype) -> int:
+    """The measured chunk of ``table`` for (``device``'s type, ``dtype``); the float32 CPU one otherwise."""
+    return table.get((torch.device(device).type, dtype), table[("cpu", torch.float32)])
 
 
 class MissingGridError(DataError):
@@ -65,9 +72,20 @@ class EncodedSample:
     fp_cells: torch.Tensor      # (M,) cells in [0, 783]
 
 
-def load_sample_input(sample: Sample, grid_root: str | os.PathLike, mean, std,
-                      point_num: int = POINT_NUM) -> SampleInput:
-    """Read a sample's RGB image (SPEC 5) and patch file (SPEC 3.3, normalised as in 3.4).
+@dataclass
+class SampleFiles:
+    """What :func:`read_sample_files` reads of one sample, as NumPy arrays (no torch)."""
+
+    sample: Sample
+    rgb: np.ndarray      # (224, 224, 3) uint8 after the bicubic resize
+    points: np.ndarray   # (G, K, 3) float32 patch points as stored
+    pixels: np.ndarray   # (G, K) int64 flat pixel indices
+
+
+def read_sample_files(sample: Sample, grid_root: str | os.PathLike, point_num: int = POINT_NUM) -> SampleFiles:
+    """Read and check a sample's RGB image and patch file (SPEC 3.3, 5): the I/O half of
+    :func:`load_sample_input`, with no torch operation, so a reading thread can run it while the
+    main thread computes (SPEC 12.3).
 
     Raises :class:`MissingGridError` when the patch file does not exist and
     :class:`DataError` for unreadable files or pixel indices outside the 224x224 grid.
@@ -81,16 +99,28 @@ def load_sample_input(sample: Sample, grid_root: str | os.PathLike, mean, std,
     if pix.min() < 0 or pix.max() >= IMAGE_SIZE * IMAGE_SIZE:
         raise DataError(f"{grid}: points_idx outside the {IMAGE_SIZE}x{IMAGE_SIZE} grid "
                         f"(range [{pix.min()}, {pix.max()}])")
-    rgb = load_rgb_input(sample.rgb, IMAGE_SIZE, mean, std)
-    return SampleInput(sample, rgb, normalize_patches(torch.from_numpy(pts)), torch.from_numpy(pix))
+    return SampleFiles(sample, read_rgb_resized(sample.rgb, IMAGE_SIZE), pts, pix)
 
 
-@torch.no_grad()
-def encode_patches(sdf_model, points: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-    """PointNet latents (G, 128) of normalised patches (G, K, 3), batched by ``chunk`` patches
-    (default by device type, :data:`ENCODER_CHUNK`)."""
-    chunk = chunk or ENCODER_CHUNK.get(points.device.type, ENCODER_CHUNK["cpu"])
-    return torch.cat([sdf_model.encoder(part) for part in points.split(chunk)])
+def sample_input(files: SampleFiles, mean, std) -> SampleInput:
+    """The tensors of a read sample: normalised image (SPEC 5) and per-patch normalised points (SPEC 3.4)."""
+    return SampleInput(files.sample, rgb_tensor(files.rgb, mean, std),
+                       normalize_patches(torch.from_numpy(files.points)), torch.from_numpy(files.pixels))
+
+
+def load_sample_input(sample: Sample, grid_root: str | os.PathLike, mean, std,
+                      point_num: int = POINT_NUM) -> SampleInput:
+    """Read a sample's RGB image (SPEC 5) and patch file (SPEC 3.3, normalised as in 3.4):
+    :func:`read_sample_files`, then :func:`sample_input`."""
+    return sample_input(read_sample_files(sample, grid_root, point_num), mean, std)
+
+
+def encode_patches(sdf_model, points: torch.Tensor, chunk: Optional[int] = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """PointNet latents (G, 128) float32 of normalised patches (G, K, 3), batched by ``chunk`` patches
+    (default :data:`ENCODER_CHUNK`) in ``dtype`` (:meth:`core.sdf_model.PointNetEncoder.latents`)."""
+    chunk = chunk or chunk_size(ENCODER_CHUNK, points.device, dtype)
+    return sdf_model.encoder.latents(points, chunk, dtype)
 
 
 @dataclass

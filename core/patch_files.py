@@ -7,22 +7,68 @@
 * Pretraining files ``<grid>/PRETRAIN_DATA/<cls>/<stem>.npz`` (SPEC 3.5): ``samples_all``
   and ``points_all`` (G, S*K, 3) float32, ``origins_all`` (G, K, 3).
 
+* Source records (SPEC 3.3): ``<grid>/.patch_manifest.jsonl`` (:func:`open_patch_manifest`, the
+  commit log of :mod:`utils.manifest`) holds, for every file the cutter wrote, the xyz TIFF it
+  was cut from (path, size, mtime, sha256). A rerun recuts a file whose source changed (e.g.
+  preprocessed in place since) and ``main.py`` refuses it (:func:`source_changed`). Files
+  without a record (cut elsewhere, e.g. the authors' grids) are accepted as they are.
+
 This is all that memory building and inference need of the patch cutter.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from utils.errors import DataError
 from utils.io import load_npz
+from utils.manifest import Manifest, sha256_file
 
 POINT_NUM = 500
 GRID_KEYS = ("points_gt", "points_idx")
 PRETRAIN_DIR = "PRETRAIN_DATA"
 PRETRAIN_KEYS = ("samples_all", "points_all", "origins_all")
+PATCH_MANIFEST = ".patch_manifest.jsonl"
+STAGING_SUFFIX = ".cut-tmp"
+
+
+# ----------------------------------------------------------------------------- source records
+def open_patch_manifest(grid_root: str | os.PathLike, repair: bool = True) -> Manifest:
+    """The source records of a grid folder (module docstring); ``repair=False`` never writes."""
+    return Manifest(grid_root, PATCH_MANIFEST, STAGING_SUFFIX, repair=repair)
+
+
+def source_record(source: str | os.PathLike) -> dict:
+    """What a patch file records of the TIFF it was cut from."""
+    st = os.stat(source)
+    return dict(path=str(Path(source).resolve()), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                sha256=sha256_file(source))
+
+
+def source_changed(record: dict, source: str | os.PathLike) -> bool:
+    """Whether ``source`` differs from what ``record`` (:func:`source_record`) describes: a different
+    size, or a different mtime and a different sha256 (a copy with a new mtime is unchanged)."""
+    st = os.stat(source)
+    if st.st_size != record["size"]:
+        return True
+    return st.st_mtime_ns != record["mtime_ns"] and sha256_file(source) != record["sha256"]
+
+
+def stale_patch_file(manifest: Manifest, patch_file: Path, source: Path) -> Optional[str]:
+    """Why ``patch_file`` must not be used with ``source`` (its record says it was cut from other data,
+    or its writing was interrupted), or None (it matches, or it has no record)."""
+    record = manifest.records.get(patch_file.relative_to(manifest.root).as_posix())
+    if record is None or "source" not in record:
+        return None
+    if record["state"] != "done":
+        return f"{patch_file}: its writing was interrupted"
+    if source_changed(record["source"], source):
+        return f"{patch_file}: cut from {record['source']['path']} before it changed (now {source})"
+    return None
 
 
 def load_grid(path: str | os.PathLike, point_num: int = POINT_NUM) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,9 @@ layout. It never damages the data set:
   their targets and a ``done`` record is appended. A restart rolls an interrupted commit
   forward (renames what is left, checking hashes) and discards uncommitted temporary
   files, so an in-place run never reprocesses already-modified inputs. Finished samples
-  are skipped: a second run changes no byte.
+  are skipped: a second run changes no byte. Each record also holds the sample's statistics,
+  among them its raw size and padding, from which main.py maps results back to the raw
+  frame (SPEC 9.2).
 * A data set whose borders are already empty (preprocessed before, without a manifest)
   is refused with a message saying so.
 * A failing sample (unreadable file, too few valid border points, nothing left after the
@@ -36,8 +38,8 @@ from tqdm import tqdm
 from core.clustering import dbscan_labels, fit_plane, largest_cluster_mask
 from core.dataset import BORDER, SPLITS, defect_types, find_classes, samples_in, valid_mask
 from utils.errors import ConfigError, DataError
-from utils.io import copy_file, read_gray, read_rgb, read_xyz, write_png, write_xyz
-from utils.manifest import Manifest, sha256_file, staging_path
+from utils.io import check_output_dir, copy_file, read_gray, read_rgb, read_xyz, write_png, write_xyz
+from utils.manifest import Manifest, stage_files
 from utils.pool import ordered_map
 
 # SPEC 2.1 constants (coordinates in the tiff's units, metres for MVTec 3D-AD)
@@ -101,11 +103,17 @@ class Preprocessed:
     kept: int                       # valid points left
     clusters: int                   # DBSCAN clusters found (noise excluded)
     kept_label: int                 # the label kept (-1 = noise, KEEP #4)
+    raw_shape: tuple[int, int]      # (H, W) of the input sample
+    padding: tuple[tuple[int, int], tuple[int, int]]   # ((top, bottom), (left, right)), SPEC 2.1 step 4
+    nonfinite: int = 0              # points with a NaN or inf coordinate, set to (0, 0, 0)
 
     def stats(self) -> dict:
+        """What the manifest records of the sample; ``raw_shape`` and ``padding`` give main.py the
+        raw frame of each preprocessed sample (SPEC 9.2)."""
         return dict(plane=[float(v) for v in self.plane], removed_plane=self.removed_plane,
                     removed_cluster=self.removed_cluster, kept=self.kept, clusters=self.clusters,
-                    kept_label=self.kept_label)
+                    kept_label=self.kept_label, raw_shape=list(self.raw_shape),
+                    padding=[list(p) for p in self.padding], nonfinite=self.nonfinite)
 
 
 def _fit_border_plane(xyz: np.ndarray, seed: Optional[int], name: str) -> np.ndarray:
@@ -134,6 +142,9 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
     point is left after the plane removal.
     """
     h, w = xyz.shape[:2]
+    nonfinite = ~np.isfinite(xyz).all(axis=-1)
+    if nonfinite.any():   # missing data, as MVTec 3D-AD marks it: (0, 0, 0); colours kept (invalid pixels)
+        xyz = np.where(nonfinite[..., None], np.float32(0), xyz)
     if rgb.shape[:2] != (h, w) or (gt is not None and gt.shape[:2] != (h, w)):
         raise PreprocessingError(f"{name}: image sizes differ: xyz {h}x{w}, rgb {rgb.shape[0]}x{rgb.shape[1]}"
                                  + ("" if gt is None else f", gt {gt.shape[0]}x{gt.shape[1]}"))
@@ -164,7 +175,8 @@ def preprocess_arrays(xyz: np.ndarray, rgb: np.ndarray, gt: Optional[np.ndarray]
         xyz=pad_to_square(out_xyz.reshape(xyz.shape)), rgb=pad_to_square(out_rgb.reshape(rgb.shape)),
         gt=None if gt is None else pad_to_square(gt), plane=plane,
         removed_plane=int(np.count_nonzero(removed & valid)), removed_cluster=len(drop), kept=int(keep.sum()),
-        clusters=int(labels.max()) + 1, kept_label=int(labels[keep][0]))
+        clusters=int(labels.max()) + 1, kept_label=int(labels[keep][0]), raw_shape=(h, w), padding=pad_widths(h, w),
+        nonfinite=int(nonfinite.sum()))
 
 
 # ----------------------------------------------------------------------------- data set: files and manifest
@@ -184,26 +196,23 @@ class _Task:
 def _process_sample(task: _Task) -> dict:
     """Worker: read, preprocess, write the outputs to staging files; never renames."""
     xyz_src, rgb_src, gt_src = task.sources
-    written = []
+
+    def writer(write, array, src):
+        def run(tmp):
+            write(tmp, array)
+            shutil.copymode(src, tmp)  # keep the input's permission bits
+        return run
+
     try:
         xyz = read_xyz(xyz_src)
         rgb = read_rgb(rgb_src)
         gt = read_gray(gt_src) if gt_src is not None else None
         result = preprocess_arrays(xyz, rgb, gt, seed=task.seed, name=str(xyz_src))
-        files = {}
         outputs = ((write_xyz, result.xyz), (write_png, result.rgb), (write_png, result.gt))
-        for src, target, (writer, array) in zip(task.sources, task.targets, outputs):
-            if target is None:
-                continue
-            tmp = staging_path(target, TMP_SUFFIX)
-            written.append(tmp)
-            writer(tmp, array)
-            shutil.copymode(src, tmp)  # keep the input's permission bits
-            files[str(target)] = sha256_file(tmp)
+        files = stage_files([(target, writer(write, array, src)) for src, target, (write, array)
+                             in zip(task.sources, task.targets, outputs) if target is not None], TMP_SUFFIX)
         return dict(key=task.key, ok=True, files=files, stats=result.stats())
     except Exception as exc:  # any per-file failure is reported and the run continues
-        for tmp in written:
-            tmp.unlink(missing_ok=True)
         message = str(exc) if isinstance(exc, DataError) else f"{xyz_src}: {type(exc).__name__}: {exc}"
         return dict(key=task.key, ok=False, error=message)
 
@@ -266,6 +275,7 @@ class RunSummary:
     recovered: int = 0                                      # interrupted commits completed
     copied: int = 0                                         # other files copied (output_dir mode)
     multi_cluster: int = 0                                  # processed samples with > 1 cluster
+    nonfinite: dict[str, int] = field(default_factory=dict)  # sample -> points with NaN/inf, set to (0, 0, 0)
     failures: list[tuple[str, str]] = field(default_factory=list)   # (relative path, message)
 
     @property
@@ -279,6 +289,10 @@ class RunSummary:
         if self.multi_cluster:
             lines.append(f"{self.multi_cluster} sample(s) had more than one DBSCAN cluster "
                          f"(cluster sizes in {self.out_root / MANIFEST})")
+        if self.nonfinite:
+            lines.append(f"{len(self.nonfinite)} sample(s) had {sum(self.nonfinite.values())} point(s) with a NaN or "
+                         f"inf coordinate, written as (0, 0, 0) (missing data), e.g. {next(iter(self.nonfinite))}: "
+                         f"{next(iter(self.nonfinite.values()))}")
         if self.failures:
             lines.append(f"{len(self.failures)} FAILED:")
             lines += [f"  {message}" for _, message in self.failures]
@@ -286,18 +300,20 @@ class RunSummary:
 
 
 def _check_roots(root: Path, output_dir: Optional[Path]) -> Path:
+    """The output root (``root`` itself in place), checked to be writable; creates nothing."""
     if not root.is_dir():
         raise DataError(f"{root}: data set path is not a folder")
     if output_dir is None or Path(output_dir).resolve() == root.resolve():
+        check_output_dir(root, "DATASET_PATH (preprocessed in place)")
         return root
     out_root = Path(output_dir)
+    check_output_dir(out_root, "--output_dir")
     a, b = root.resolve(), out_root.resolve()
     if a in b.parents or b in a.parents:
         raise DataError(f"{out_root}: the output folder must be neither inside the data set {root} nor contain it")
     if (root / MANIFEST).exists():
         raise DataError(f"{root}: holds {MANIFEST}, so it is already preprocessed; "
                         f"run on the raw data set instead")
-    out_root.mkdir(parents=True, exist_ok=True)
     return out_root
 
 
@@ -356,34 +372,46 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
 
     pending = []
     for task in tasks:
-        record = manifest.records.get(task.key)
-        if record is not None and record["state"] == "commit":
-            error = manifest.roll_forward(record)
-            if error:
-                summary.failures.append((task.key, error))
-            else:
-                summary.recovered += 1
-        elif record is not None and record["state"] == "done":
-            missing = [rel for rel in record["files"] if not (out_root / rel).exists()]
-            if not missing:
-                summary.skipped += 1
-            elif out_root == root:
-                summary.failures.append((task.key, f"{out_root / missing[0]}: missing although the manifest "
-                                                   f"records it as preprocessed in place; restore it"))
-            else:
-                pending.append(task)
+        state, info = manifest.resume(task.key)
+        if state == "failed":
+            summary.failures.append((task.key, info))
+        elif state == "recovered":
+            summary.recovered += 1
+        elif state == "done":
+            summary.skipped += 1
+        elif state == "missing" and out_root == root:
+            summary.failures.append((task.key, f"{info}: missing although the manifest "
+                                               f"records it as preprocessed in place; restore it"))
         else:
             pending.append(task)
     for task in pending:  # staging files of uncommitted work are garbage
         manifest.discard_staged(task.targets)
     if pending and not manifest.exists():
         _refuse_if_preprocessed(root, pending)
+    created = out_root                               # the topmost folder this run creates, if any
+    while not created.parent.exists():
+        created = created.parent
+    created = None if out_root.exists() else created
+    out_root.mkdir(parents=True, exist_ok=True)      # only now: a refused run leaves no folder behind
+    try:
+        _run_pending(root, out_root, pending, folders, manifest, summary, workers, progress)
+    finally:
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created)                     # nothing written (e.g. every sample failed)
+    return summary
+
+
+def _run_pending(root: Path, out_root: Path, pending: list[_Task], folders: set, manifest: Manifest,
+                 summary: RunSummary, workers: int, progress: bool) -> None:
+    """Preprocess ``pending`` into ``summary`` (commits through ``manifest``); copy the other files."""
 
     def handle(result: dict) -> None:
         if result["ok"]:
             manifest.commit(result["key"], result["files"], stats=result["stats"])
             summary.processed.append(result["key"])
             summary.multi_cluster += result["stats"]["clusters"] > 1
+            if result["stats"]["nonfinite"]:
+                summary.nonfinite[result["key"]] = result["stats"]["nonfinite"]
         else:
             summary.failures.append((result["key"], result["error"]))
 
@@ -393,4 +421,3 @@ def preprocess_dataset(root: str | os.PathLike, output_dir: Optional[str | os.Pa
             bar.update()
     if out_root != root:
         summary.copied = _copy_other_files(root, out_root, folders)
-    return summary

@@ -33,12 +33,12 @@ from timm.models import load_state_dict
 from torch import nn
 
 from core.footprint import FEATURE_SIDE
-from utils.errors import DataError, ShapeGuidedError
-from utils.io import read_rgb
+from utils.errors import DataError, ShapeGuidedError, first_line
+from utils.io import read_rgb, torch_file_format
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BACKBONES", "FEATURE_SIDE",
-    "WeightsUnavailableError", "load_rgb_input", "RGBFeatureExtractor", "build_rgb_extractor",
+    "WeightsUnavailableError", "read_rgb_resized", "rgb_tensor", "load_rgb_input", "RGBFeatureExtractor", "build_rgb_extractor",
     "rename_efficientnet_lite0",
 ]
 
@@ -60,19 +60,33 @@ class WeightsUnavailableError(ShapeGuidedError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- input
+def read_rgb_resized(path: str | os.PathLike, size: int = 224) -> np.ndarray:
+    """(size, size, 3) uint8 image of a file after the reference's PIL bicubic resize (SPEC 5).
+
+    NumPy and Pillow only, no torch operation: safe to run in a reading thread while torch
+    computes (torch operations started from another thread would start their own thread pool).
+    """
+    return np.array(Image.fromarray(read_rgb(path)).resize((size, size), Image.BICUBIC))
+
+
+def rgb_tensor(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Normalised (3, H, W) float32 tensor of an (H, W, 3) uint8 image: bytes / 255, then ``(x - mean) / std``."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub(mean_t).div(std_t)
+
+
 def load_rgb_input(path: str | os.PathLike, size: int = 224,
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """Normalised (3, size, size) float32 tensor of an image file (SPEC 5, input transform).
 
     Same arithmetic as the reference's ``Resize((size, size), BICUBIC)`` (PIL), ``ToTensor``
-    and ``Normalize``: bytes / 255 in float32, then ``(x - mean) / std`` in float32.
+    and ``Normalize``: :func:`read_rgb_resized`, then :func:`rgb_tensor`.
     Raises :class:`utils.io.DataError` for a missing or unreadable file.
     """
-    rgb = Image.fromarray(read_rgb(path)).resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub(mean_t).div(std_t)
+    return rgb_tensor(read_rgb_resized(path, size), mean, std)
 
 
 # ----------------------------------------------------------------------------- extractor
@@ -117,10 +131,13 @@ def _hf_cached_file(repo_id: str) -> str | None:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"{path}: weights file not found")
+    if path.suffix != ".safetensors" and torch_file_format(path) is None:
+        raise DataError(f"{path}: not a weights file (neither a .safetensors file nor torch.save's zip format "
+                        f"or a pickle); pass a wide_resnet50_2 checkpoint to --rgb_weights")
     try:
         sd = load_state_dict(str(path), use_ema=False)
-    except Exception as exc:  # torch.load / safetensors raise many types for bad files
-        raise DataError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # torch.load / safetensors raise many types for bad files; first line only
+        raise DataError(f"{path}: cannot read weights ({first_line(exc)})") from exc
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise DataError(f"{path}: not a state_dict of tensors")
     return sd

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.errors import ShapeGuidedError
-from utils.io import atomic_path
+from utils.errors import ShapeGuidedError, first_line
+from utils.io import atomic_path, torch_file_format
 
 LATENT_DIM = 128
 HIDDEN = 512
@@ -48,6 +49,73 @@ class PointNetEncoder(nn.Module):
         x = torch.amax(x, dim=2)
         x = F.relu(self.bn4(self.fc1(x)))
         return F.relu(self.bn5(self.fc2(x)))
+
+    @torch.no_grad()
+    def latents(self, points: torch.Tensor, chunk: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Inference latents (G, 128) float32 of patches (G, P, 3), ``chunk`` patches per call (eval mode).
+
+        float32: :meth:`forward`'s result bit for bit (SPEC 12.3), with the max over points taken
+        before the last BatchNorm + ReLU. Another ``dtype`` (bfloat16): :meth:`folded_layers`,
+        the three point-wise layers in ``dtype``, the pooled head in float32 (SPEC 12.4). The dtypes
+        are explicit: an enclosing autocast region does not change them.
+        """
+        if self.training:
+            raise RuntimeError("PointNetEncoder.latents needs eval mode (BatchNorm running statistics)")
+        with torch.autocast(points.device.type, enabled=False):   # the dtypes are explicit here
+            if dtype == torch.float32:
+                return torch.cat([self._exact(part) for part in points.split(chunk)])
+            layers = self.folded_layers(dtype)
+            return torch.cat([self._folded(part, layers) for part in points.split(chunk)])
+
+    def _exact(self, points: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in eval mode, bit for bit, without two passes over the (B, 1024, P) activation.
+
+        BatchNorm in eval mode and ReLU act on each channel by a monotone function (rounding
+        included): non-decreasing where the BatchNorm weight is >= 0, non-increasing where it is
+        negative. Such a function commutes with the max over points (with the min where it is
+        non-increasing), so it is applied to the (B, 1024) extremes instead of every point.
+        """
+        x = points.transpose(1, 2)
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = self.conv3(x)
+        pooled = torch.amax(x, dim=2, keepdim=True)
+        negative = self.bn3.weight < 0
+        if bool(negative.any()):
+            pooled = torch.where(negative[:, None], torch.amin(x, dim=2, keepdim=True), pooled)
+        x = F.relu(self.bn3(pooled), inplace=True).squeeze(2)
+        x = F.relu(self.bn4(self.fc1(x)), inplace=True)
+        return F.relu(self.bn5(self.fc2(x)), inplace=True)
+
+    def folded_layers(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of the five layers with their eval-mode BatchNorm folded in, as linear maps.
+
+        ``BN(W x + c) = (a W) x + (a (c - mean) + beta)`` with ``a = gamma / sqrt(var + eps)``,
+        computed in float32; the point-wise layers (conv1-3) are cast to ``dtype``.
+        """
+        out = []
+        for i, (layer, bn) in enumerate(zip((self.conv1, self.conv2, self.conv3, self.fc1, self.fc2),
+                                            (self.bn1, self.bn2, self.bn3, self.bn4, self.bn5))):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            weight = layer.weight.reshape(layer.weight.shape[0], -1) * scale[:, None]
+            bias = (layer.bias - bn.running_mean) * scale + bn.bias
+            out.append((weight.to(dtype), bias.to(dtype)) if i < 3 else (weight, bias))
+        return out
+
+    @staticmethod
+    def _folded(points: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Latents (B, 128) float32 from :meth:`folded_layers`, points-major ((B, P, C) activations).
+
+        The third layer's bias and ReLU are applied after the max over points, where they
+        commute with it (a per-channel increasing map).
+        """
+        (w1, b1), (w2, b2), (w3, b3), (w4, b4), (w5, b5) = layers
+        x = F.linear(points.to(w1.dtype), w1, b1).relu_()
+        x = F.linear(x, w2, b2).relu_()
+        x = torch.amax(F.linear(x, w3), dim=1).float()
+        x = F.relu(x + b3.float())
+        x = F.relu(F.linear(x, w4, b4))
+        return F.relu(F.linear(x, w5, b5))
 
 
 class WeightNormLinear(nn.Module):
@@ -108,34 +176,54 @@ class LocalNIF(nn.Module):
         f = F.relu(self.fc1(latent))
         return F.linear(f, self.fc3.weight[:, self.fc2.out_features:], self.fc3.bias)
 
+    def point_layers(self, dtype: Optional[torch.dtype] = None) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(weight, bias) of the per-point layers in order: ``fc2``, the point half of ``fc3`` (no
+        bias), the seven weight-normalised layers, ``fc5``; cast to ``dtype`` when given.
+
+        Computed once for many :meth:`forward_with_code` calls (the weight-normalised weights
+        are otherwise recomputed on every call).
+        """
+        split = self.fc2.out_features
+        layers = [(self.fc2.weight, self.fc2.bias), (self.fc3.weight[:, :split], None)]
+        layers += [(layer.weight, layer.bias) for layer in self.hidden_layers]
+        layers.append((self.fc5.weight, self.fc5.bias))
+        if dtype is None:
+            return layers
+        return [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in layers]
+
     def forward_with_code(self, code: torch.Tensor, points: torch.Tensor,
-                          layers: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None) -> torch.Tensor:
+                          layers: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor]]]] = None) -> torch.Tensor:
         """Decode points (B, P, 3) given ``code = latent_code(z)`` (B, 512) -> sdf (B, P, 1).
 
-        ``layers``: the hidden layers' ``(weight, bias)``, computed by the caller once for many
-        calls (the weight-normalised weights are otherwise recomputed on every call).
+        ``layers``: :meth:`point_layers`, computed by the caller once for many calls; their
+        dtype is the dtype of the computation (``points`` and ``code`` are cast to it).
         """
         if layers is None:
-            layers = [(layer.weight, layer.bias) for layer in self.hidden_layers]
-        h = F.relu(self.fc2(points))
-        u = F.linear(h, self.fc3.weight[:, : self.fc2.out_features]).add_(code.unsqueeze(1)).relu_()
-        for weight, bias in layers:
+            layers = self.point_layers()
+        (w2, b2), (w3, _), *hidden, (w5, b5) = layers
+        h = F.relu(F.linear(points.to(w2.dtype), w2, b2))
+        u = F.linear(h, w3).add_(code.to(w3.dtype).unsqueeze(1)).relu_()
+        for weight, bias in hidden:
             u = F.linear(u, weight, bias).relu_()
-        return self.fc5(u)
+        return F.linear(u, w5, b5)
 
     @torch.no_grad()
-    def abs_sdf(self, latents: torch.Tensor, points: torch.Tensor, chunk: int) -> torch.Tensor:
-        """|sdf| (G, P) of points (G, P, 3) under latents (G, 128), for inference.
+    def abs_sdf(self, latents: torch.Tensor, points: torch.Tensor, chunk: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """|sdf| (G, P) float32 of points (G, P, 3) under latents (G, 128), for inference.
 
-        :meth:`forward_with_code` on ``chunk`` patches at a time, with the weight-normalised
-        weights computed once and each chunk written into one preallocated output.
+        :meth:`forward_with_code` on ``chunk`` patches at a time, with the weights computed once
+        and each chunk written into one preallocated output. ``dtype`` (e.g. bfloat16) is the
+        dtype of the per-point layers; the per-patch latent code is computed in float32 (SPEC 12.4).
+        The dtypes are explicit: an enclosing autocast region does not change them.
         """
-        codes = self.latent_code(latents)
-        layers = [(layer.weight, layer.bias) for layer in self.hidden_layers]
-        out = torch.empty(points.shape[:2], dtype=codes.dtype, device=codes.device)
-        for start in range(0, points.shape[0], chunk):
-            sdf = self.forward_with_code(codes[start:start + chunk], points[start:start + chunk], layers)
-            torch.abs(sdf.squeeze(-1), out=out[start:start + chunk])
+        with torch.autocast(points.device.type, enabled=False):   # the dtypes are explicit here
+            codes = self.latent_code(latents)
+            layers = self.point_layers(None if dtype == torch.float32 else dtype)
+            out = torch.empty(points.shape[:2], dtype=torch.float32, device=codes.device)
+            for start in range(0, points.shape[0], chunk):
+                sdf = self.forward_with_code(codes[start:start + chunk], points[start:start + chunk], layers)
+                out[start:start + chunk].copy_(sdf.squeeze(-1)).abs_()
         return out
 
     def forward(self, latent: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -215,10 +303,16 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if torch_file_format(path) is None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle); "
+                              f"pass the .pth file written by train_3Dmodel.py or the authors' ckpt_000601.pth")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:   # torch's message is several lines of weights_only advice
+        raise CheckpointError(f"{path}: holds Python objects besides tensors, which are not loaded for safety; "
+                              f"save it as {{'sdf_model': model.state_dict()}}") from exc
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: cannot read checkpoint ({first_line(exc)})") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt

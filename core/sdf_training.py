@@ -27,6 +27,13 @@ passes, so ``E = 1000`` is the authors' schedule). After epoch ``e`` with
 ``current_iteration = E + 1``. Our checkpoints add ``optimizer`` (Adam state) and
 ``epochs_done`` (epochs whose updates the weights contain) for ``resume``; files without
 them (the authors') resume at epoch ``current_iteration + 1`` with fresh Adam moments.
+
+Several processes (SPEC 4.3.1, ``torchrun --nproc_per_node N train_3Dmodel.py ...``): data
+parallel with DistributedDataParallel; ``--batch_size`` stays the global batch, split evenly
+over the ranks (:func:`rank_batches`), and the encoder's BatchNorm layers use the statistics
+of the global batch, so N ranks compute the steps of one process up to float rounding. Rank 0
+alone writes the run folder, ``train_states.txt`` (the loss averaged over the ranks) and the
+checkpoints (same format); ``resume`` loads the same checkpoint on every rank.
 """
 from __future__ import annotations
 
@@ -35,20 +42,24 @@ import os
 import shutil
 import struct
 import zipfile
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from core.patch_files import POINT_NUM, PRETRAIN_DIR, PRETRAIN_KEYS
 from core.sdf_model import SDFModel, model_from_checkpoint, read_checkpoint, save_sdf_checkpoint
-from utils.device import resolve_device
-from utils.errors import DataError
-from utils.io import atomic_path, load_npz, make_run_dir, save_configuration, write_text
+from utils import distributed
+from utils.errors import ConfigError, DataError
+from utils.global_batchnorm import synchronise_batchnorm
+from utils.io import atomic_path, check_output_dir, load_npz, make_run_dir, save_configuration, write_text
+from utils.launch import launch
 CACHE_DIR = ".cache"
 IN_MEMORY_LIMIT = 4 * 2**30
 NORMAL_EPS = 1e-12          # pytorch_safe_norm's epsilon (SPEC 4.2 step 4)
@@ -258,6 +269,28 @@ def epoch_batches(n_items: int, n_copies: int, batch_size: int, seed: int, epoch
     return order[:used].reshape(n_batches, batch_size), copies[order[:used]].reshape(n_batches, batch_size)
 
 
+def rank_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-rank share of the global ``--batch_size``; :class:`ConfigError` when it does not split evenly."""
+    if batch_size % world_size:
+        raise ConfigError(f"--batch_size {batch_size} is the global batch and must split evenly over the "
+                          f"{world_size} ranks of this torchrun run; pass a multiple of {world_size} "
+                          f"(e.g. {max(world_size, batch_size // world_size * world_size)})")
+    return batch_size // world_size
+
+
+def rank_batches(index: np.ndarray, copy: np.ndarray, rank: int, world_size: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Rank ``rank``'s share of every global batch of :func:`epoch_batches` (SPEC 4.3.1).
+
+    The distributed sampler: each global batch of ``b`` patches is split into ``world_size``
+    equal contiguous parts, columns ``rank * b / N ... (rank + 1) * b / N - 1``. The shuffle
+    and the noise copies are the global draws, so they do not depend on the world size.
+    """
+    share = rank_batch_size(index.shape[1], world_size)
+    cols = slice(rank * share, (rank + 1) * share)
+    return index[:, cols], copy[:, cols]
+
+
 # ----------------------------------------------------------------------------- loss
 def pcp_loss(model: SDFModel, targets: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """The Neural-Pull / PCP loss of SPEC 4.2 on targets and queries (B, P, 3).
@@ -272,6 +305,32 @@ def pcp_loss(model: SDFModel, targets: torch.Tensor, queries: torch.Tensor) -> t
     normal = grad / torch.sqrt(grad.square().sum(dim=-1, keepdim=True) + NORMAL_EPS)
     pulled = queries - sdf * normal
     return torch.linalg.vector_norm(targets - pulled, dim=-1).mean()
+
+
+class PCPLoss(nn.Module):
+    """:func:`pcp_loss` of ``model`` as a module: what DistributedDataParallel wraps (it averages
+    the gradients of what runs through its ``forward``)."""
+
+    def __init__(self, model: SDFModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, targets: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return pcp_loss(self.model, targets, queries)
+
+
+def parallel_loss(model: SDFModel, device: torch.device) -> nn.Module:
+    """:class:`PCPLoss` of ``model``; in a distributed run data-parallel (SPEC 4.3.1).
+
+    Under torchrun the encoder's BatchNorm layers are switched in place (same parameters and
+    buffers) to statistics of the global batch (``SyncBatchNorm`` on CUDA, the gloo
+    :class:`utils.global_batchnorm.GlobalBatchNorm` on CPU) and the loss is wrapped in
+    DistributedDataParallel, which averages the ranks' gradients. One process: the plain loss.
+    """
+    if not launch().distributed:
+        return PCPLoss(model)
+    synchronise_batchnorm(model, device)
+    return DistributedDataParallel(PCPLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------- training
@@ -293,7 +352,7 @@ class TrainConfig:
     compile: bool = False
 
 
-def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer) -> int:
+def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer, verbose: bool = True) -> int:
     """Load ``cfg.resume`` into model and optimiser; return the first epoch still to run."""
     ckpt = read_checkpoint(cfg.resume, "cpu")
     model.load_state_dict(model_from_checkpoint(ckpt, cfg.resume).state_dict())
@@ -302,7 +361,8 @@ def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate
     else:
-        tqdm.write(f"{cfg.resume}: no optimiser state (authors' format); Adam restarts from zero moments")
+        if verbose:
+            tqdm.write(f"{cfg.resume}: no optimiser state (authors' format); Adam restarts from zero moments")
     if "epochs_done" in ckpt:
         return int(ckpt["epochs_done"])
     return int(ckpt.get("current_iteration", -1)) + 1
@@ -311,16 +371,39 @@ def _restore(cfg: TrainConfig, model: SDFModel, optimizer: torch.optim.Optimizer
 def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] = None) -> Path:
     """Pretrain the SDF model (SPEC 4.2-4.3); returns the run folder holding the checkpoints.
 
-    ``data`` may be passed to reuse an already loaded :class:`PretrainSet`.
+    ``data`` may be passed to reuse an already loaded :class:`PretrainSet`. Under torchrun
+    (more than one rank) the run is data-parallel: see :func:`_train_ranks`.
     """
     for name in ("batch_size", "save_every"):
         if getattr(cfg, name) < 1:
             raise DataError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.epoch < 0 or not cfg.learning_rate > 0:
         raise DataError(f"--epoch must be >= 0 and --learning_rate > 0, got {cfg.epoch} and {cfg.learning_rate}")
-    device = resolve_device(cfg.device)
+    check_output_dir(cfg.ckpt_path, "--ckpt_path")
+    info = launch()
+    rank_batch_size(cfg.batch_size, info.world_size)
+    device = distributed.rank_device(cfg.device)
+    with distributed.session(device):
+        return _train_ranks(cfg, device, progress and info.rank == 0, data)
+
+
+def _train_ranks(cfg: TrainConfig, device: torch.device, progress: bool, data: Optional[PretrainSet]) -> Path:
+    """The training loop on this rank (SPEC 4.3).
+
+    One process: the whole batch. N ranks (torchrun): every rank draws the same epoch
+    batches and trains on its share (:func:`rank_batches`); DistributedDataParallel
+    averages the gradients of the per-rank mean losses, which with equal shares is the
+    gradient of the global batch's mean loss; the encoder's BatchNorm layers use the
+    statistics of the global batch (:func:`utils.global_batchnorm.synchronise_batchnorm`).
+    Rank 0 alone creates the run folder and writes the configuration, ``train_states.txt``
+    (the loss averaged over the ranks) and the checkpoints (the plain model's state_dict:
+    the authors' keys).
+    """
+    info = launch()
     if data is None:
-        data = PretrainSet(cfg.grid_path, cfg.point_num, progress=progress)
+        limit = IN_MEMORY_LIMIT // (info.local_world_size if info.distributed else 1)  # one copy per rank
+        with distributed.local_rank_first():           # one rank per node builds a cache, the others reuse it
+            data = PretrainSet(cfg.grid_path, cfg.point_num, in_memory_limit=limit, progress=progress)
     elif data.point_num != cfg.point_num:
         raise DataError(f"pretraining data hold {data.point_num}-point patches, --point_num is {cfg.point_num}")
     if len(data) < cfg.batch_size:
@@ -330,44 +413,58 @@ def train(cfg: TrainConfig, progress: bool = True, data: Optional[PretrainSet] =
     torch.manual_seed(cfg.seed)
     model = SDFModel().to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-    start = _restore(cfg, model, optimizer) if cfg.resume is not None else 0
+    start = _restore(cfg, model, optimizer, info.rank == 0) if cfg.resume is not None else 0
     if start > cfg.epoch:
         raise DataError(f"{cfg.resume}: already holds {start} epochs; --epoch {cfg.epoch} ends at epoch "
                         f"{cfg.epoch}, nothing to train")
 
-    run_dir = make_run_dir(cfg.ckpt_path, f"-knn{cfg.point_num}")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    settings.update(ckpt_dir=str(run_dir), device=str(device), n_patches=len(data), n_copies=data.n_copies,
-                    first_epoch=start, data_storage=data.storage)
-    save_configuration(run_dir, settings)
-
-    loss_fn: Callable = torch.compile(pcp_loss) if cfg.compile else pcp_loss
+    main_rank = info.rank == 0
+    run_dir = distributed.broadcast(_start_run_folder(cfg, device, data, start) if main_rank else None)
+    loss_module = parallel_loss(model, device)
+    loss_fn: Callable = torch.compile(loss_module) if cfg.compile else loss_module
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp))
 
     def checkpoint(iteration: int, epochs_done: int) -> None:
-        save_sdf_checkpoint(run_dir / f"ckpt_{iteration:06d}.pth", model, iteration,
-                            optimizer=optimizer.state_dict(), epochs_done=epochs_done)
+        if main_rank:
+            save_sdf_checkpoint(run_dir / f"ckpt_{iteration:06d}.pth", model, iteration,
+                                optimizer=optimizer.state_dict(), epochs_done=epochs_done)
 
-    with open(run_dir / LOG_NAME, "a", buffering=1) as log:
+    with (open(run_dir / LOG_NAME, "a", buffering=1) if main_rank else nullcontext()) as log:
         for epoch in tqdm(range(start, cfg.epoch + 1), desc="Pre-training", disable=not progress):
-            index, copy = epoch_batches(len(data), data.n_copies, cfg.batch_size, cfg.seed, epoch)
+            index, copy = rank_batches(*epoch_batches(len(data), data.n_copies, cfg.batch_size, cfg.seed, epoch),
+                                       info.rank, info.world_size)
             losses = []
             for b in tqdm(range(len(index)), desc=f"Epoch {epoch}", leave=False, disable=not progress):
                 targets, queries = (t.to(device, non_blocking=True) for t in data.batch(index[b], copy[b]))
                 with amp:
-                    loss = loss_fn(model, targets, queries)
+                    loss = loss_fn(targets, queries)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.detach())
-            mean = torch.stack(losses).double().mean().item()
+            mean = distributed.mean_over_ranks(torch.stack(losses).double().mean()).item()
             if not np.isfinite(mean):
                 raise FloatingPointError(f"{run_dir}: the loss of epoch {epoch} is {mean}; training stopped "
                                          f"(the checkpoints there hold the last good weights)")
-            log.write("epoch:%04d\tloss:%.9f\n" % (epoch, mean))
+            if main_rank:
+                log.write("epoch:%04d\tloss:%.9f\n" % (epoch, mean))
             if progress:
                 tqdm.write(f"epoch {epoch:4d}  loss {mean:.6f}")
             if epoch % cfg.save_every == 0:
                 checkpoint(epoch, epoch + 1)
     checkpoint(cfg.epoch + 1, cfg.epoch + 1)
+    return run_dir
+
+
+def _start_run_folder(cfg: TrainConfig, device: torch.device, data: PretrainSet, start: int) -> Path:
+    """A new run folder holding ``Congiguration.txt``/``.pickle`` (rank 0 only)."""
+    run_dir = make_run_dir(cfg.ckpt_path, f"-knn{cfg.point_num}")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    settings.update(ckpt_dir=str(run_dir), device=str(device), n_patches=len(data), n_copies=data.n_copies,
+                    first_epoch=start, data_storage=data.storage)
+    info = launch()
+    if info.distributed:
+        settings.update(world_size=info.world_size, rank_batch_size=cfg.batch_size // info.world_size,
+                        batchnorm="SyncBatchNorm" if device.type == "cuda" else "GlobalBatchNorm (gloo)")
+    save_configuration(run_dir, settings)
     return run_dir

@@ -72,3 +72,17 @@ def record(request):
             with open(MEASUREMENTS, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"test": request.node.name, **values}, default=float) + "\n")
     return write
+
+
+@pytest.fixture(scope="session")
+def as_unprivileged() -> list[str]:
+    """Command prefix that runs a subprocess without root's permission override, so that a read-only
+    folder is read-only for it too (tests run as root in CI): ``setpriv`` drops CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH. Empty for a non-root user."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): cannot drop root's write permission")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]

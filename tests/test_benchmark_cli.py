@@ -59,3 +59,11 @@ def test_finished_stages_are_reused_only_for_the_same_data(tmp_path):
 def test_cuda_without_gpu_exits_2(tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_tf32_on_cpu_exits_2_before_generating_data(tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path), "--device", "cpu", "--precision", "fp32", "tf32"]) == 2
+    assert "--precision tf32 needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+    cfg, _ = bench.parse_args(["--precision", "bf16"])
+    assert cfg.precision == ["bf16"] and bench.parse_args([])[0].precision == ["fp32"]

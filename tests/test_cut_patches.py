@@ -1,10 +1,14 @@
 """Tests of the cut_patches.py command line (SPEC section 3)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import cut_patches
+from core.preprocessing import preprocess_dataset
 from core.cutting import plan_pretrain_jobs
 from core.patch_files import PRETRAIN_DIR
 from tests.core.patch_data import arrays_equal, load_all, write_tiny_dataset
@@ -85,3 +89,55 @@ def test_cut_patches_bad_device_exits_2(tmp_path, capsys):
                            "--device", "gpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "gpu" in err and "Traceback" not in err
+
+
+def test_unpreprocessed_data_is_refused_and_a_preprocessed_source_is_recut(tmp_path, capsys):
+    """The issue's sequence: cutting raw data exits 2 (nothing written); cut anyway, preprocess in place,
+    cut again: every file is recut, because each records the TIFF it was cut from."""
+    raw = generate_dataset(tmp_path / "ds", classes=("bagel",), n_train=2, n_val=0, n_test_good=1, n_test_defect=0,
+                           size=200, seed=1, progress=False)
+    grids = tmp_path / "grids"
+    argv = ["--datasets_path", str(raw), "--save_grid_path", str(grids), "--device", "cpu"]
+    assert cut_patches.main(argv) == 2
+    err = capsys.readouterr().err
+    first = raw / "bagel" / "train" / "good" / "xyz" / "000.tiff"
+    assert err.startswith(f"error: {first}: the cloud still seems to contain its background plane")
+    assert "tools/preprocessing.py" in err and "--allow_unpreprocessed" in err and not grids.exists()
+
+    with pytest.warns(UserWarning, match="background plane"):
+        assert cut_patches.main(argv + ["--allow_unpreprocessed"]) == 0
+    assert "wrote 3 patch file(s), kept 0" in capsys.readouterr().out
+    assert preprocess_dataset(raw, progress=False).ok                            # in place
+    assert cut_patches.main(argv) == 0
+    assert "wrote 3 patch file(s) (3 recut: their source TIFF changed since they were cut), kept 0" in \
+        capsys.readouterr().out
+    assert cut_patches.main(argv) == 0
+    assert "wrote 0 patch file(s), kept 3" in capsys.readouterr().out
+
+
+def test_grid_folder_that_is_a_file_or_read_only(tiny, tmp_path, capsys, as_unprivileged):
+    target = tmp_path / "grids.npz"
+    target.write_bytes(b"x")
+    assert cut_patches.main(["--datasets_path", str(tiny), "--save_grid_path", str(target)]) == 2
+    assert f"error: {target}: --save_grid_path is a file, not a folder" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        proc = subprocess.run([*as_unprivileged, sys.executable, cut_patches.__file__, "--datasets_path", str(tiny),
+                               "--save_grid_path", str(locked / "grids"), "--device", "cpu"],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == f"error: {locked / 'grids'}: --save_grid_path is not writable by this user (its parent " \
+                          f"{locked} is not writable); pass a folder you can write to, or fix its permissions\n"
+    assert not list(locked.iterdir())
+
+
+def test_classes_take_commas(tiny, tmp_path, capsys):
+    cfg, _ = cut_patches.parse_args(["--datasets_path", "d", "--save_grid_path", "g", "--classes", "bagel,cookie"])
+    assert cfg.classes == ["bagel", "cookie"]
+    rc = cut_patches.main(["--datasets_path", str(tiny), "--save_grid_path", str(tmp_path / "g"), "--classes",
+                           "bagel,tire"])
+    assert rc == 2 and "['tire'] not found" in capsys.readouterr().err

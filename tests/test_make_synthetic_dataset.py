@@ -43,3 +43,14 @@ def test_cli_unknown_class_is_a_clear_error(repo_dir, tmp_path):
     assert "unknown class 'pretzel'" in res.stderr and "bagel" in res.stderr and "potato" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_cli_size_h_w(repo_dir, tmp_path):
+    out = tmp_path / "data"
+    res = _run(repo_dir, out, "--classes", "cookie", "--n_train", 1, "--n_val", 0, "--n_test_good", 1,
+               "--n_test_defect", 1, "--defects", "stain", "--size", 90, 120, "--quiet")
+    assert res.returncode == 0, res.stderr
+    for s in list_samples(out, "cookie", "test"):
+        assert read_xyz(s.xyz).shape == (90, 120, 3) and read_gray(s.gt).shape == (90, 120)
+    res = _run(repo_dir, tmp_path / "other", "--size", 90, 120, 130)
+    assert res.returncode == 2 and "--size" in res.stderr and "Traceback" not in res.stderr

@@ -63,3 +63,33 @@ def test_bad_arguments(tmp_path, capsys):
     assert exc.value.code == 2
     assert cli.main([str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_output_folder_that_is_a_file_or_read_only(raw, tmp_path, capsys, as_unprivileged):
+    """Exit 2 (bad input, not 1 = "some samples failed"), a one-line message naming the folder, nothing made."""
+    target = tmp_path / "out.txt"
+    target.write_text("not a folder")
+    assert cli.main([str(raw), "--output_dir", str(target), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {target}: --output_dir is a file, not a folder; pass a folder path " \
+                                      f"to --output_dir\n"
+    assert cli.main([str(raw), "--output_dir", str(target / "sub"), "--quiet"]) == 2
+    assert f"{target} is a file" in capsys.readouterr().err
+
+    locked = tmp_path / "locked"
+    (locked / "data").mkdir(parents=True)
+    data = locked / "data"
+    shutil.copytree(raw, data, dirs_exist_ok=True)
+    locked.chmod(0o555)
+    data.chmod(0o555)
+    try:
+        for argv, needle in (([str(raw), "--output_dir", str(locked / "out")], f"{locked / 'out'}: --output_dir is "
+                                                                               f"not writable by this user"),
+                             ([str(data)], f"{data}: DATASET_PATH (preprocessed in place) is not writable")):
+            proc = subprocess.run([*as_unprivileged, sys.executable, str(REPO / "tools" / "preprocessing.py"), *argv,
+                                   "--quiet"], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1
+        assert sorted(p.name for p in locked.iterdir()) == ["data"]
+    finally:
+        data.chmod(0o755)
+        locked.chmod(0o755)

@@ -52,8 +52,13 @@ def test_errors_exit_nonzero_with_message(grid, tmp_path, capsys):
     bad.write_bytes(b"junk")
     assert train_3Dmodel.main(["--grid_path", str(grid), "--ckpt_path", str(tmp_path / "ck"), "--point_num", "24",
                                "--batch_size", "3", "--resume", str(bad), "--device", "cpu", "--quiet"]) == 2
-    assert f"{bad}: cannot read checkpoint" in capsys.readouterr().err
+    assert f"{bad}: not a PyTorch checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())   # no half-made run folder
+
+    (tmp_path / "file").write_text("x")
+    assert train_3Dmodel.main(["--grid_path", str(grid), "--ckpt_path", str(tmp_path / "file"), "--point_num", "24",
+                               "--batch_size", "3", "--device", "cpu", "--quiet"]) == 2
+    assert f"{tmp_path / 'file'}: --ckpt_path is a file, not a folder" in capsys.readouterr().err
 
 
 def test_script_runs_as_a_program(tmp_path):

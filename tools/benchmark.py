@@ -2,6 +2,7 @@
 """Speed and memory of every stage against the authors' way of computing it.
 
     python tools/benchmark.py [--out bench_out] [--size 800] [--device auto] [--workers 2] [--subset 2]
+                              [--precision fp32 bf16]
 
 Generates a synthetic MVTec 3D-AD-layout data set of realistic size, then runs each stage's
 benchmark in pipeline order (preprocessing, patches, training, inference; see
@@ -16,15 +17,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.bench.suite import STAGES, BenchConfig, run_benchmark  # noqa: E402
-from utils.cli import make_parser, parse_config, run_cli, split_names  # noqa: E402
+from utils.cli import add_names, make_parser, parse_config, run_cli  # noqa: E402
+from utils.precision import PRECISIONS  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     d = BenchConfig()
     p = make_parser(__doc__)
     p.add_argument("--out", type=Path, default=d.out, help="output folder (data, results)")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order")
-    p.add_argument("--classes", nargs="+", default=d.classes, help="synthetic classes")
+    add_names(p, "--stages", choices=STAGES, default=list(STAGES), help=f"stages to run, in order, from {', '.join(STAGES)}")
+    add_names(p, "--classes", default=d.classes, help="synthetic classes, e.g. 'bagel cookie' or bagel,cookie")
     p.add_argument("--size", type=int, default=d.size, help="side of the generated clouds in pixels")
     p.add_argument("--n_train", type=int, default=d.n_train, help="training samples per class")
     p.add_argument("--n_test_good", type=int, default=d.n_test_good, help="good test samples per class")
@@ -36,9 +38,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark itself")
     p.add_argument("--background_removed", action="store_true",
                    help="generate the data already preprocessed (for machines without Open3D; no preprocessing stage)")
-    cfg, cli = parse_config(p, BenchConfig, argv)
-    cfg.classes = split_names(cfg.classes)
-    return cfg, cli
+    add_names(p, "--precision", choices=PRECISIONS, default=d.precision,
+              help="inference: also run main.py's per-class loop in each precision (fp32 always included) "
+                   "and report ms per test sample by stage, the ratio to fp32 and the fidelity against fp32")
+    return parse_config(p, BenchConfig, argv)
 
 
 def execute(cfg: BenchConfig, _) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.preprocessing import PreprocessConfig, preprocess  # noqa: E402
-from utils.cli import make_parser, parse_config, run_cli  # noqa: E402
+from utils.cli import EXIT_INTERRUPTED, interruptible, make_parser, parse_config, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[PreprocessConfig, argparse.Namespace]:
@@ -36,11 +36,9 @@ def parse_args(argv=None) -> tuple[PreprocessConfig, argparse.Namespace]:
 
 
 def execute(cfg: PreprocessConfig, cli: argparse.Namespace) -> int:
-    try:
-        summary = preprocess(cfg, progress=not cli.quiet)
-    except KeyboardInterrupt:
-        print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+    summary = interruptible(lambda: preprocess(cfg, progress=not cli.quiet))
+    if summary is None:
+        return EXIT_INTERRUPTED
     print(summary.report(), file=sys.stdout if summary.ok else sys.stderr)
     return 0 if summary.ok else 1
 

@@ -4,20 +4,25 @@ Each script parses its flags with argparse and turns them into its stage's confi
 dataclass with :func:`parse_config` (argparse ``dest`` names are the dataclass field names;
 flags that only the script reads, such as ``--quiet``, come back separately), calls the
 library and lets :func:`run_cli` map a
-:class:`utils.errors.ShapeGuidedError` to a one-line message and exit status 2.
+:class:`utils.errors.ShapeGuidedError` to a one-line message and exit status 2 (naming the
+rank under torchrun).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import traceback
 from typing import Callable, Iterable, TypeVar
 
 from utils.errors import ShapeGuidedError
+from utils.launch import distributed_run, leave_if_distributed, rank_prefix, record_error
 
 T = TypeVar("T")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_BUG = 1                # an unexpected exception (its traceback is printed)
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:
@@ -57,10 +62,50 @@ def split_names(values: Iterable[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v]
 
 
+class _Names(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = split_names(values)
+        bad = [n for n in names if self.valid is not None and n not in self.valid]
+        if not names or bad:
+            parser.error(f"argument {option_string}: invalid choice(s) {bad or names!r} (choose from "
+                         f"{', '.join(self.valid)})" if bad else f"argument {option_string}: expected a name")
+        setattr(namespace, self.dest, names)
+
+
+def add_names(parser: argparse.ArgumentParser, *flags: str, choices: Iterable[str] | None = None, **kwargs) -> None:
+    """A list-of-names option (classes, defect types, stages), the one convention of every script:
+    ``--classes a b``, ``--classes a,b`` or both mixed; ``choices`` are checked after splitting."""
+    action = type("Names", (_Names,), {"valid": None if choices is None else tuple(choices)})
+    parser.add_argument(*flags, nargs="+", action=action, **kwargs)
+
+
 def run_cli(body: Callable[..., int], *args) -> int:
-    """``body(*args)``; a :class:`ShapeGuidedError` becomes ``error: <message>`` on stderr and exit 2."""
+    """``body(*args)``; a :class:`ShapeGuidedError` becomes ``error: <message>`` on stderr and exit 2.
+
+    Under torchrun the message names the rank (``error: rank 1 of 2: ...``) and, like any
+    other exception (whose traceback is printed, exit status 1), is also written to
+    torchrun's error file, whose failure summary then shows it; the failing rank then ends at
+    once, so that torchrun stops the other ranks (:mod:`utils.launch`).
+    """
     try:
         return body(*args)
     except ShapeGuidedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        record_error(exc, traceback_too=False)
+        print(f"error: {rank_prefix()}{exc}", file=sys.stderr)
+        return leave_if_distributed(EXIT_BAD_INPUT)
+    except Exception as exc:
+        record_error(exc)
+        if not distributed_run():
+            raise
+        traceback.print_exc()
+        return leave_if_distributed(EXIT_BUG)
+
+
+def interruptible(work: Callable[[], T]) -> T | None:
+    """``work()``; on Ctrl-C say that finished work is kept and the same command resumes, and
+    return None (the script then exits :data:`EXIT_INTERRUPTED`). For resumable stages."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print("interrupted: finished samples are kept; run the same command again to resume", file=sys.stderr)
+        return None

@@ -8,6 +8,8 @@ bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import re
+
 
 class ShapeGuidedError(Exception):
     """Base of every user-facing error; the message names the file or option and what to do."""
@@ -19,3 +21,11 @@ class DataError(ShapeGuidedError, ValueError):
 
 class ConfigError(ShapeGuidedError, ValueError):
     """An option value that cannot work (e.g. ``--workers 0``); the message names the option."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (terminal escapes removed, at most ``limit`` characters), for
+    wrapping a library's multi-line error into a one-line message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().split("\n")[0].strip()
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -12,6 +12,7 @@ import datetime
 import itertools
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -20,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import tifffile
+import yaml
 from PIL import Image, UnidentifiedImageError
 
 from utils.errors import DataError
@@ -30,6 +32,9 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.part(\.[^.]+)?")   # what atomic_path's mkstemp names look like
 
 
 @contextlib.contextmanager
@@ -55,6 +60,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporaries (``.<stem>.<8 random>.part<suffix>``) that a killed :func:`atomic_path`
+    left in ``folder``; return how many. Only for folders no other process is writing to."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """Raise :class:`DataError` unless ``path`` is, or can be created as, a folder this process may write to.
+
+    Creates nothing: checks ``path`` if it exists, else its nearest existing ancestor.
+    ``option`` names the flag in the message (e.g. ``--output_dir``).
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise DataError(f"{path}: {option} {what}, not a folder; pass a folder path to {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (its parent {existing} is not writable)"
+        raise DataError(f"{path}: {option} is not writable by this user{where}; pass a folder you can write "
+                        f"to, or fix its permissions")
+
+
 def write_xyz(path: str | os.PathLike, xyz: np.ndarray) -> None:
     """Atomically write an organised point cloud (H, W, 3) float32 as TIFF."""
     xyz = np.ascontiguousarray(xyz, dtype=np.float32)
@@ -65,10 +101,11 @@ def write_xyz(path: str | os.PathLike, xyz: np.ndarray) -> None:
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Atomically write a uint8 image, (H, W) gray or (H, W, 3) RGB, as PNG."""
+    """Atomically write a uint8 image, (H, W) gray or (H, W, 3) RGB, or a uint16 (H, W) gray image
+    (a 16-bit PNG), as PNG."""
     image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected uint8 image, got {image.dtype}")
+    if image.dtype != np.uint8 and not (image.dtype == np.uint16 and image.ndim == 2):
+        raise ValueError(f"{path}: expected a uint8 image or a uint16 (H, W) image, got {image.dtype} {image.shape}")
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
 
@@ -134,6 +171,17 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------- readers
+def torch_file_format(path: str | os.PathLike) -> str | None:
+    """``"zip"`` (torch.save's format), ``"pickle"`` (the legacy format) or None (neither: e.g. a text file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:   # pickle protocol 2-5
+        return "pickle"
+    return None
+
+
 def _require_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -169,6 +217,17 @@ def read_tiff_shape(path: str | os.PathLike) -> tuple[int, ...]:
         raise DataError(f"{path}: cannot read TIFF header ({type(exc).__name__}: {exc})") from exc
 
 
+def read_image_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image, read from its header only."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
 def _read_image(path: Path, mode: str) -> np.ndarray:
     _require_file(path)
     try:
@@ -192,6 +251,48 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 def read_gray(path: str | os.PathLike) -> np.ndarray:
     """Read an image (e.g. a ground-truth mask) as uint8 grayscale (H, W)."""
     return _read_image(Path(path), "L")
+
+
+def read_png16(path: str | os.PathLike) -> np.ndarray:
+    """Read a 16-bit grayscale PNG as uint16 (H, W); :class:`DataError` for anything else."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    if mode not in ("I;16", "I;16B", "I") or arr.ndim != 2:
+        raise DataError(f"{path}: expected a 16-bit grayscale PNG, got mode {mode!r} with shape {arr.shape}")
+    if arr.dtype != np.uint16:
+        if arr.min() < 0 or arr.max() > 65535:
+            raise DataError(f"{path}: values outside 0 ... 65535")
+        arr = arr.astype(np.uint16)
+    return np.ascontiguousarray(arr)
+
+
+def read_yaml(path: str | os.PathLike) -> object:
+    """Parse a YAML file (safe loader); :class:`DataError` naming the file for unreadable YAML."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid YAML ({type(exc).__name__}: {exc})") from exc
+
+
+def write_yaml(path: str | os.PathLike, data: object) -> None:
+    """Atomically write ``data`` as YAML (block style)."""
+    write_text(path, yaml.safe_dump(data, default_flow_style=False, sort_keys=False))
+
+
+def disjoint_roots(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Raise :class:`DataError` when the output folder ``target`` is ``source``, lies inside it or contains it."""
+    a, b = Path(source).resolve(), Path(target).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DataError(f"{target}: the output folder must be neither {source} nor inside it nor contain it")
 
 
 def load_npz(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:

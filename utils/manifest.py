@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 from utils.errors import DataError
 from utils.io import write_text
@@ -42,34 +42,66 @@ def staging_path(target: str | os.PathLike, suffix: str) -> Path:
     return target.with_name(f".{target.name}{suffix}")
 
 
+def _parse(path: Path) -> tuple[dict[str, dict], list[str], bool]:
+    """(last record per job, the good lines, whether the file needs rewriting) of a manifest file."""
+    records: dict[str, dict] = {}
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    good = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not {"sample", "state", "files"} <= record.keys():
+                raise ValueError("not a manifest record")
+        except ValueError as exc:
+            if number == len(lines):  # the last line, torn by an interruption: drop it
+                break
+            raise DataError(f"{path}: corrupt manifest line {number} ({exc}); "
+                            f"remove the line or the manifest to continue") from exc
+        good.append(line)
+        records[record["sample"]] = record
+    return records, good, bool(text) and not text.endswith("\n")
+
+
+def read_records(path: str | os.PathLike) -> dict[str, dict]:
+    """The last record of every job in the manifest file ``path`` ({} if there is none), read only."""
+    path = Path(path)
+    return _parse(path)[0] if path.exists() else {}
+
+
+def stage_files(writes: Iterable[tuple[Path, Callable[[Path], None]]], suffix: str) -> dict[str, str]:
+    """For each ``(target, write)`` call ``write(staging file of target)``; return ``{str(target): sha256}``,
+    ready for :meth:`Manifest.commit`. On any failure the staging files written so far are removed
+    and the exception propagates."""
+    files, written = {}, []
+    try:
+        for target, write in writes:
+            tmp = staging_path(target, suffix)
+            written.append(tmp)
+            write(tmp)
+            files[str(target)] = sha256_file(tmp)
+    except BaseException:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    return files
+
+
 class Manifest:
     """Append-only JSON-lines log ``<root>/<name>`` of committed and finished jobs (module docstring)."""
 
-    def __init__(self, root: str | os.PathLike, name: str, staging_suffix: str):
+    def __init__(self, root: str | os.PathLike, name: str, staging_suffix: str, repair: bool = True):
+        """Read ``<root>/<name>`` if it exists; ``repair`` rewrites it without a torn last line."""
         self.root = Path(root)
         self.path = self.root / name
         self.staging_suffix = staging_suffix
         self.records: dict[str, dict] = {}
         if not self.path.exists():
             return
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        good = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not {"sample", "state", "files"} <= record.keys():
-                    raise ValueError("not a manifest record")
-            except ValueError as exc:
-                if number == len(lines):  # the last line, torn by an interruption: drop it
-                    break
-                raise DataError(f"{self.path}: corrupt manifest line {number} ({exc}); "
-                                f"remove the line or the manifest to continue") from exc
-            good.append(line)
-            self.records[record["sample"]] = record
-        if not text.endswith("\n") and text:  # make the next append start on a fresh line
+        self.records, good, torn = _parse(self.path)
+        if repair and torn:  # make the next append start on a fresh line
             write_text(self.path, "".join(f"{line}\n" for line in good))
 
     def exists(self) -> bool:
@@ -106,6 +138,21 @@ class Manifest:
                         f"copy has the recorded content); restore this sample from the raw data set")
         self.append(dict(record, state="done"))
         return None
+
+    def resume(self, key: str) -> tuple[str, Optional[str]]:
+        """What a rerun does with job ``key``, after completing its interrupted commit if it has one:
+        ``("todo", None)`` (no record), ``("done", None)`` (finished, every file present),
+        ``("recovered", None)`` (an interrupted commit, completed now), ``("missing", path)``
+        (finished, but that file is gone) or ``("failed", message)`` (an interrupted commit that
+        cannot be completed)."""
+        record = self.records.get(key)
+        if record is None:
+            return "todo", None
+        if record["state"] == "commit":
+            error = self.roll_forward(record)
+            return ("failed", error) if error else ("recovered", None)
+        missing = [rel for rel in record["files"] if not (self.root / rel).exists()]
+        return ("missing", str(self.root / missing[0])) if missing else ("done", None)
 
     def discard_staged(self, targets) -> None:
         """Remove the staging files of ``targets`` (uncommitted work of an interrupted run)."""

@@ -4,6 +4,9 @@
   reference's file. Per-class values are rounded to 3 decimals first (the AUROCs are
   Python floats, AU-PRO values NumPy floats, each rounded by its own ``round``); the
   "Mean" column is the mean of the rounded values, rounded to 3 decimals (SPEC 11 #33, KEEP).
+  After them, not in the reference, a fourth table in the same style: pixel AUROC and
+  AU-PRO of the official MVTec 3D-AD protocol at native resolution (SPEC 9.2), titled with
+  the frame the maps are in.
 * ``<cls>/testing_state.txt``: the reference's per-class log, including its runs of spaces.
 * ``alignment.txt``: one ``'<cls>'\\t:[w, b],`` line per class.
 * ``results.json``: every number, unrounded (not in the reference).
@@ -33,6 +36,13 @@ def _round_pro(value: float) -> float:
     return float(round(np.float64(value), 3))  # ... and the AU-PRO NumPy float64
 
 
+def class_title(cls: str) -> str:
+    """A class's column title (SPEC 1.1): ``str.title()`` of a lower-case name, as the reference
+    writes the MVTec classes (``cable_gland`` -> ``Cable_Gland``); a name with capitals stays as
+    written (Eyecandies ``CandyCane``, not ``Candycane``)."""
+    return cls.title() if cls == cls.lower() else cls
+
+
 def _table(row_names: Sequence[str], columns: Mapping[str, Mapping[str, float]]) -> str:
     df = pd.DataFrame(list(row_names), columns=["Method"])
     for name, values in columns.items():
@@ -46,13 +56,13 @@ def results_tables(results: Mapping[str, Mapping[str, dict]], classes: Sequence[
 
     ``results[cls][method]`` is the output of :func:`utils.metrics.evaluate_method` for
     every class in ``classes`` and every method in :data:`METHODS`. Columns are
-    ``cls.title()`` in the order of ``classes``, then ``Mean``. No trailing newline.
+    :func:`class_title` in the order of ``classes``, then ``Mean``. No trailing newline.
     """
     image, pixel, pro = {}, {}, {}
     for cls in classes:
-        image[cls.title()] = {m: _round_auroc(results[cls][m]["image_auroc"]) for m in METHODS}
-        pixel[cls.title()] = {m: _round_auroc(results[cls][m]["pixel_auroc"]) for m in METHODS}
-        pro[cls.title()] = {
+        image[class_title(cls)] = {m: _round_auroc(results[cls][m]["image_auroc"]) for m in METHODS}
+        pixel[class_title(cls)] = {m: _round_auroc(results[cls][m]["pixel_auroc"]) for m in METHODS}
+        pro[class_title(cls)] = {
             f"{m}_{limit}": _round_pro(results[cls][m]["au_pro"][limit]) for m in METHODS for limit in PRO_LIMITS
         }
     pro_rows = [f"{m}_{limit}" for m in METHODS for limit in PRO_LIMITS]
@@ -61,6 +71,34 @@ def results_tables(results: Mapping[str, Mapping[str, dict]], classes: Sequence[
         f"Pixel ROCAUC Results \n\n{_table(METHODS, pixel)} \n\n"
         f"AU PRO Results \n\n{_table(pro_rows, pro)}"
     )
+
+
+NATIVE_TITLE = "Native Resolution Results (official MVTec 3D-AD protocol: Pixel ROCAUC, AU PRO)"
+FRAME_TEXT = {"raw": "maps and gt at each raw sample's size",
+              "preprocessed": "maps and gt in the preprocessed, padded frame: raw sizes unknown"}
+
+
+def native_frame_text(frames: Mapping[str, str], classes: Sequence[str]) -> str:
+    """Which frame the native-protocol numbers are in (``frames[cls]`` 'raw', 'preprocessed' or 'mixed')."""
+    kinds = {frames[c] for c in classes}
+    if len(kinds) == 1 and (kind := kinds.pop()) in FRAME_TEXT:
+        return FRAME_TEXT[kind]
+    return "frame per class: " + ", ".join(f"{c.title()} {frames[c]}" for c in classes)
+
+
+def native_table(native: Mapping[str, Mapping[str, dict]], frames: Mapping[str, str], classes: Sequence[str]) -> str:
+    """The fourth table of ``results.txt``: per method its pixel AUROC and AU-PRO at every limit in the
+    native frame (``native[cls][method]`` as :meth:`utils.metrics.GroundTruthSet.evaluate` returns),
+    rounded and averaged as the other tables; the title names the frame."""
+    columns = {}
+    for cls in classes:
+        col = {}
+        for m in METHODS:
+            col[f"{m}_Pixel_ROCAUC"] = _round_auroc(native[cls][m]["pixel_auroc"])
+            col.update({f"{m}_AU_PRO_{limit}": _round_pro(native[cls][m]["au_pro"][limit]) for limit in PRO_LIMITS})
+        columns[cls.title()] = col
+    rows = [r for m in METHODS for r in [f"{m}_Pixel_ROCAUC"] + [f"{m}_AU_PRO_{limit}" for limit in PRO_LIMITS]]
+    return f"{NATIVE_TITLE}, {native_frame_text(frames, classes)} \n\n{_table(rows, columns)}"
 
 
 def testing_state_text(
@@ -107,6 +145,44 @@ def _json_metrics(r: Mapping) -> dict:
     }
 
 
+def _json_native(r: Mapping) -> dict:
+    return {
+        "image_auroc_map_max": _json_number(r["image_auroc"]),
+        "pixel_auroc": _json_number(r["pixel_auroc"]),
+        "au_pro": {str(limit): _json_number(r["au_pro"][limit]) for limit in PRO_LIMITS},
+    }
+
+
+def _mean_metrics(per_class: Sequence[Mapping]) -> dict:
+    """The plain mean over classes of unrounded metric dicts (``image_auroc``, ``pixel_auroc``, ``au_pro``)."""
+    return {
+        "image_auroc": np.mean([r["image_auroc"] for r in per_class]),
+        "pixel_auroc": np.mean([r["pixel_auroc"] for r in per_class]),
+        "au_pro": {limit: np.mean([r["au_pro"][limit] for r in per_class]) for limit in PRO_LIMITS},
+    }
+
+
+NATIVE_PROTOCOL = ("the official MVTec 3D-AD evaluation's metrics on the fused and single-expert maps at "
+                   "native resolution: each 224 x 224 map upsampled (bilinear) to the preprocessed size, the "
+                   "padding cropped off, against the gt at the same size (any non-zero value anomalous); "
+                   "pixel AUROC over all pixels, AU-PRO as in the paper tables (8-connected regions, 100 "
+                   "thresholds), image AUROC from each map's maximum")
+
+
+def native_json(native: Mapping[str, Mapping[str, dict]], frames: Mapping[str, str],
+                sources: Mapping[str, Sequence[str]], classes: Sequence[str]) -> dict:
+    """The ``native_protocol`` section of ``results.json`` (SPEC 9.2): per class its frame
+    ('raw', 'preprocessed' or 'mixed'), where the raw sizes came from, and every number unrounded;
+    "mean" is the plain mean over classes."""
+    return {
+        "protocol": NATIVE_PROTOCOL,
+        "frame": native_frame_text(frames, classes),
+        "classes": {c: {"frame": frames[c], "raw_sizes_from": list(sources[c]),
+                        "metrics": {m: _json_native(native[c][m]) for m in METHODS}} for c in classes},
+        "mean": {m: _json_native(_mean_metrics([native[c][m] for c in classes])) for m in METHODS},
+    }
+
+
 def results_json(
     results: Mapping[str, Mapping[str, dict]],
     classes: Sequence[str],
@@ -131,10 +207,5 @@ def results_json(
             entry["optimal_thresholds"] = {"detection": float(det), "segmentation": float(seg)}
         out["classes"][cls] = entry
     for m in METHODS:
-        mean = {
-            "image_auroc": np.mean([results[c][m]["image_auroc"] for c in classes]),
-            "pixel_auroc": np.mean([results[c][m]["pixel_auroc"] for c in classes]),
-            "au_pro": {limit: np.mean([results[c][m]["au_pro"][limit] for c in classes]) for limit in PRO_LIMITS},
-        }
-        out["mean"][m] = _json_metrics(mean)
+        out["mean"][m] = _json_metrics(_mean_metrics([results[c][m] for c in classes]))
     return out

@@ -40,6 +40,22 @@ def test_alignment_equals_reference_recipe_and_standardisation():
     assert a.n_samples == 5
 
 
+@pytest.mark.parametrize("sigma", [1.0, 2.5])
+def test_other_sigma_factor(sigma):
+    """--align_sigma k: bounds mean -+ k std in float32; weight and bias agree with k = 3 up to
+    float32 rounding (the factor cancels) but are computed from other bounds."""
+    rng = np.random.default_rng(4)
+    sdf, rgb = _maps(rng, 4, 0.003), _maps(rng, 4, 0.02)
+    a, a3 = alignment_from_maps(sdf, rgb, sigma), alignment_from_maps(sdf, rgb)
+    flat = [np.concatenate([m.ravel() for m in maps]) for maps in (sdf, rgb)]
+    (s_mean, s_std), (r_mean, r_std) = [(np.mean(v[v != 0]), np.std(v[v != 0])) for v in flat]
+    s_lo, s_hi, r_lo, r_hi = s_mean - sigma * s_std, s_mean + sigma * s_std, r_mean - sigma * r_std, r_mean + sigma * r_std
+    weight = (s_hi - s_lo) / (r_hi - r_lo)
+    assert a.weight == weight and a.bias == s_lo - weight * r_lo
+    assert a.sigma == sigma and a3.sigma == 3
+    assert a.weight == pytest.approx(a3.weight, rel=1e-5) and a.bias == pytest.approx(a3.bias, rel=1e-3)
+
+
 def test_zeros_are_ignored():
     rng = np.random.default_rng(1)
     sdf, rgb = _maps(rng, 2, 0.003), _maps(rng, 2, 0.02)

@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.dataset import (Sample, defect_types, find_classes, list_samples, load_gt_mask, resolve_classes,
-                          to_unorganized, valid_mask)
+from core.dataset import (EYECANDIES_CLASSES, Sample, defect_types, find_classes, list_samples, load_gt_mask,
+                          resolve_classes, to_unorganized, valid_mask)
 from utils.errors import DataError
 from utils.io import write_png, write_xyz
 
@@ -50,6 +50,15 @@ def test_mvtec_order(tmp_path):
     for cls in ("tire", "bagel", "potato", "cable_gland"):
         (tmp_path / cls / "train").mkdir(parents=True)
     assert find_classes(tmp_path) == ["bagel", "cable_gland", "potato", "tire"]
+
+
+def test_eyecandies_order(tmp_path):
+    for cls in ("PeppermintCandy", "Lollipop", "CandyCane", "GummyBear"):
+        (tmp_path / cls / "test").mkdir(parents=True)
+    assert find_classes(tmp_path) == ["CandyCane", "GummyBear", "Lollipop", "PeppermintCandy"]
+    assert len(EYECANDIES_CLASSES) == 10 and EYECANDIES_CLASSES[0] == "CandyCane"
+    (tmp_path / "bagel" / "train").mkdir(parents=True)           # a mixture: plain name order
+    assert find_classes(tmp_path) == ["CandyCane", "GummyBear", "Lollipop", "PeppermintCandy", "bagel"]
 
 
 def test_list_samples_pairs_by_stem(tiny):

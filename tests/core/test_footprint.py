@@ -11,10 +11,10 @@ SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 GRID_FILE = SHARED / "parity" / "grids" / "torus" / "test" / "good" / "npz" / "000.npz"
 
 
-def _reference_footprint(pix):
+def _reference_footprint(pix, shift=2):
     """SPEC 5.1 written out with Python lists, including the reference's replacement rule."""
     cells = {(int(p) // 224 // 8) * 28 + (int(p) % 224 // 8) for p in pix}
-    shifted = [c + s for s in (2, -2, 56, -56) for c in cells]
+    shifted = [c + s for s in (shift, -shift, 28 * shift, -28 * shift) for c in cells]
     top = max(shifted)
     shifted = [top if v < 0 else v for v in shifted]      # negatives -> current maximum
     bottom = min(shifted)
@@ -103,3 +103,18 @@ def test_union_with_global_offsets_and_empty_selection():
 def test_rejects_out_of_range_pixels():
     with pytest.raises(ValueError, match="pixel indices"):
         footprints(np.array([[0, 224 * 224]]))
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3, 27])
+def test_other_footprint_shifts(shift):
+    """--footprint_shift s: the same rule with s for 2 (s = 0: the patch's own cells)."""
+    rng = np.random.default_rng(shift)
+    pix = np.stack([rng.choice(224 * 224, 500, replace=False) for _ in range(6)] + [np.arange(500)])
+    indptr, cells = footprints(pix, shift)
+    for g in range(len(pix)):
+        assert cells[indptr[g]:indptr[g + 1]].tolist() == _reference_footprint(pix[g], shift)
+    if shift == 0:
+        assert patch_footprint(pix[0], 0).tolist() == sorted(set(cells_of_pixels(pix[0]).tolist()))
+    assert not np.array_equal(footprints(pix, shift)[1], footprints(pix, 2)[1])
+    with pytest.raises(ValueError, match="shift"):
+        footprints(pix, 28)

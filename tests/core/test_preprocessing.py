@@ -105,6 +105,8 @@ def test_sample_acceptance_on_non_square_synthetic():
     np.testing.assert_array_equal(out_rgb[~valid_in], rgb[~valid_in])     # missing 3D keeps its colour
     assert (~valid_in).sum() > 100
     assert result.removed_plane + result.removed_cluster + result.kept == valid_in.sum()
+    assert result.raw_shape == (250, 310) and result.padding == ((75, 75), (45, 45))
+    assert result.stats()["raw_shape"] == [250, 310] and result.stats()["padding"] == [[75, 75], [45, 45]]
 
 
 @pytest.mark.parametrize("cls", ["bagel", "cookie", "potato"])  # the three object families
@@ -150,6 +152,42 @@ def test_sample_failures_say_what_is_wrong():
         preprocess_arrays(sample.xyz, sample.rgb[:100], seed=0, name="z.tiff")
 
 
+def test_non_finite_coordinates_are_missing_data():
+    """NaN / inf coordinates become (0, 0, 0), the invalid point of MVTec 3D-AD, before the plane fit:
+    the output holds no NaN, the pixels keep their colour like every invalid pixel (SPEC 2.1 step 3),
+    and the result equals that of the same sample with those points zeroed by hand."""
+    sample = render_sample("cookie", "train", "good", 1, size=200, seed=3)
+    rng = np.random.default_rng(0)
+    xyz = sample.xyz.copy()
+    valid = np.flatnonzero(np.all(xyz != 0, axis=-1))
+    bad = rng.choice(valid, 300, replace=False)                 # object and plane pixels, border included
+    xyz.reshape(-1, 3)[bad[:100], 0] = np.nan
+    xyz.reshape(-1, 3)[bad[100:200], 2] = np.inf
+    xyz.reshape(-1, 3)[bad[200:]] = -np.inf
+    zeroed = xyz.copy()
+    zeroed[~np.isfinite(xyz).all(axis=-1)] = 0
+    result = preprocess_arrays(xyz, sample.rgb, seed=0)
+    expected = preprocess_arrays(zeroed, sample.rgb, seed=0)
+    assert np.isfinite(result.xyz).all() and result.nonfinite == 300 and expected.nonfinite == 0
+    assert result.xyz.tobytes() == expected.xyz.tobytes() and result.rgb.tobytes() == expected.rgb.tobytes()
+    assert (result.rgb.reshape(-1, 3)[bad] == sample.rgb.reshape(-1, 3)[bad]).all()
+    assert result.stats()["nonfinite"] == 300
+
+
+def test_non_finite_points_are_counted_in_the_summary_and_manifest(raw, tmp_path):
+    data = copy_of(raw, tmp_path)
+    path = data / "bagel" / "train" / "good" / "xyz" / "000.tiff"
+    xyz = read_xyz(path)
+    xyz[50:52, 60:70] = np.nan
+    write_xyz(path, xyz)
+    summary = preprocess_dataset(data, tmp_path / "out", progress=False)
+    assert summary.ok and summary.nonfinite == {"bagel/train/good/xyz/000.tiff": 20}
+    assert "1 sample(s) had 20 point(s) with a NaN or inf coordinate" in summary.report()
+    assert np.isfinite(read_xyz(tmp_path / "out" / "bagel" / "train" / "good" / "xyz" / "000.tiff")).all()
+    records = [json.loads(line) for line in (tmp_path / "out" / MANIFEST).read_text().splitlines()]
+    assert {r["sample"]: r["stats"]["nonfinite"] for r in records if r["state"] == "done"}["bagel/train/good/xyz/000.tiff"] == 20
+
+
 def test_same_seed_same_bytes():
     sample = render_sample("cookie", "train", "good", 2, size=200, seed=0)
     a = preprocess_arrays(sample.xyz, sample.rgb, seed=7)
@@ -178,6 +216,10 @@ def test_output_dir_leaves_source_untouched_and_copies_the_rest(raw, reference_r
     for record in records[1::2]:
         for rel, sha in record["files"].items():
             assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == sha
+        # the raw size and padding, for main.py's native frame (SPEC 9.2)
+        cropped_sample = record["sample"] == "bagel/train/good/xyz/001.tiff"
+        assert record["stats"]["raw_shape"] == ([150, 200] if cropped_sample else [200, 200])
+        assert record["stats"]["padding"] == ([[25, 25], [0, 0]] if cropped_sample else [[0, 0], [0, 0]])
     assert not [p for p in out.rglob("*") if p.name.endswith(prep.TMP_SUFFIX)]
     mode = (raw / "bagel/train/good/xyz/000.tiff").stat().st_mode
     assert (out / "bagel/train/good/xyz/000.tiff").stat().st_mode == mode
@@ -252,8 +294,8 @@ def test_already_preprocessed_data_set_is_refused(raw, reference_run, tmp_path):
     with pytest.raises(DataError, match="looks already preprocessed.*fewer than 50 valid points"):
         preprocess_dataset(data, progress=False)
     with pytest.raises(DataError, match="looks already preprocessed"):
-        preprocess_dataset(data, tmp_path / "out", progress=False)
-    assert tree_hash(data) == before
+        preprocess_dataset(data, tmp_path / "out" / "sub", progress=False)
+    assert tree_hash(data) == before and not (tmp_path / "out").exists()   # a refused run leaves no folder
     with pytest.raises(DataError, match="already preprocessed"):  # a manifest marks an output root
         preprocess_dataset(reference_run, tmp_path / "out2", progress=False)
     with pytest.raises(DataError, match="neither inside"):

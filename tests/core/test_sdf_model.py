@@ -201,8 +201,11 @@ def test_wrong_keys_and_shapes_are_listed(tmp_path, parity_ckpt):
         load_sdf_checkpoint(bad)
 
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pth: not a PyTorch checkpoint"):
         load_sdf_checkpoint(tmp_path / "junk.pth")
+    (tmp_path / "cut.pth").write_bytes(parity_ckpt.read_bytes()[:5000])        # a truncated zip
+    with pytest.raises(CheckpointError, match=r"cut.pth: cannot read checkpoint \(\w+: [^\n]+\)$"):
+        load_sdf_checkpoint(tmp_path / "cut.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_sdf_checkpoint(tmp_path / "absent.pth")
 
@@ -229,3 +232,69 @@ def test_forward_with_gradient_is_the_autograd_gradient(parity_ckpt):
                           for e in torch.eye(3, dtype=torch.float64)], dim=-1)
         _, g64 = m64.NIF.forward_with_gradient(c64, p64)
     assert torch.allclose(g64, fd, rtol=1e-5, atol=1e-6)
+
+
+def _parity_patches(parity_dir, n):
+    points, _ = load_grid(parity_dir / "grids" / "torus" / "test" / "bump" / "npz" / "000.npz")
+    return normalize_patches(torch.from_numpy(points))[:n]
+
+
+def test_encoder_latents_are_the_forward_bit_for_bit(parity_ckpt, parity_dir):
+    """SPEC 12.3: BatchNorm + ReLU after the max over points gives the module's forward exactly."""
+    model, _ = load_sdf_checkpoint(parity_ckpt)
+    points = _parity_patches(parity_dir, 23)
+    with torch.no_grad():
+        for chunk in (4, 5):                        # 23 = 5 x 4 + 3, 4 x 5 + 3: a short last chunk
+            ref = torch.cat([model.encoder(part) for part in points.split(chunk)])
+            out = model.encoder.latents(points, chunk)
+            assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
+def test_encoder_latents_take_the_min_where_batchnorm_flips(parity_ckpt, parity_dir):
+    """A negative BatchNorm weight turns the max into a min (SPEC 12.3); the result is still exact."""
+    model, _ = load_sdf_checkpoint(parity_ckpt)
+    bn3 = model.encoder.bn3
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        bn3.weight.copy_(torch.randn(1024, generator=gen))
+        bn3.running_mean.copy_(torch.randn(1024, generator=gen) * 0.1)
+        assert (bn3.weight < 0).sum() > 400
+        points = _parity_patches(parity_dir, 8)
+        ref = model.encoder(points)
+        assert torch.equal(model.encoder.latents(points, 4), ref)
+        # the max alone would be wrong: the min branch is what makes it exact
+        x = points.transpose(1, 2)
+        x = model.encoder.conv3(torch.relu(model.encoder.bn2(model.encoder.conv2(
+            torch.relu(model.encoder.bn1(model.encoder.conv1(x)))))))
+        max_only = torch.relu(bn3(x.amax(2, keepdim=True))).squeeze(2)
+        assert not torch.equal(max_only, torch.relu(bn3(x)).amax(2))
+
+
+def test_folded_encoder_equals_forward_up_to_rounding(parity_ckpt, parity_dir):
+    """The folded layers (SPEC 12.4) are the same function: float32 agrees to rounding, bfloat16 to ~2%."""
+    model, _ = load_sdf_checkpoint(parity_ckpt)
+    points = _parity_patches(parity_dir, 40)
+    with torch.no_grad():
+        ref = model.encoder(points)
+        layers = model.encoder.folded_layers(torch.float32)
+        folded = torch.cat([model.encoder._folded(part, layers) for part in points.split(8)])
+        torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+        bf16 = model.encoder.latents(points, 8, torch.bfloat16)
+    assert bf16.dtype == torch.float32 and bf16.shape == ref.shape
+    rel = float((bf16 - ref).abs().max() / ref.abs().max())
+    assert 1e-4 < rel < 0.05                         # really bfloat16 (8-bit mantissa), and close (measured 2.2e-2)
+    model.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.encoder.latents(points, 4)
+
+
+def test_bfloat16_decoder_is_close_and_returns_float32(parity_ckpt, parity_dir):
+    model, _ = load_sdf_checkpoint(parity_ckpt)
+    points = _parity_patches(parity_dir, 24)
+    with torch.no_grad():
+        latents = model.encoder(points)
+        ref = model.NIF.abs_sdf(latents, points, 8)
+        out = model.NIF.abs_sdf(latents, points, 8, torch.bfloat16)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    rel = float((out - ref).abs().max() / ref.max())
+    assert 1e-4 < rel < 0.08                         # measured 3.1e-2 of the largest |SDF|

@@ -11,8 +11,8 @@ from scipy.spatial import cKDTree
 
 from core.sdf_model import SDFModel, load_sdf_checkpoint
 from core.sdf_training import (PRETRAIN_DIR, PretrainSet, TrainConfig, epoch_batches, pcp_loss, pretrain_files,
-                               train)
-from utils.errors import DataError
+                               rank_batch_size, rank_batches, train)
+from utils.errors import ConfigError, DataError
 from utils.io import save_npz
 
 LOG_LINE = re.compile(r"epoch:(\d{4})\tloss:(\d+\.\d{9})")
@@ -171,6 +171,20 @@ def test_epoch_batches_are_seeded_full_and_shuffled():
     other = epoch_batches(37, 20, 8, seed=3, epoch=6)
     assert not np.array_equal(index, other[0])
     assert not np.array_equal(index, epoch_batches(37, 20, 8, seed=4, epoch=5)[0])
+
+
+def test_rank_batches_split_every_global_batch():
+    index, copy = epoch_batches(37, 20, 8, seed=3, epoch=5)
+    shares = [rank_batches(index, copy, r, 4) for r in range(4)]
+    assert all(i.shape == c.shape == (4, 2) for i, c in shares)
+    assert np.array_equal(np.concatenate([i for i, _ in shares], axis=1), index)     # contiguous, in rank order
+    assert np.array_equal(np.concatenate([c for _, c in shares], axis=1), copy)
+    one, = [rank_batches(index, copy, 0, 1)]
+    assert np.array_equal(one[0], index) and np.array_equal(one[1], copy)            # one process: the whole batch
+    assert rank_batch_size(32, 8) == 4
+    with pytest.raises(ConfigError, match=r"--batch_size 30 is the global batch and must split evenly over the 4 "
+                                          r"ranks .* pass a multiple of 4 \(e.g. 28\)"):
+        rank_batch_size(30, 4)
 
 
 # ----------------------------------------------------------------------------- loss

@@ -10,8 +10,9 @@ from scipy import ndimage
 from core.preprocessing import preprocess_dataset
 from tools.synthetic import mvtec as synthetic
 from core.dataset import defect_types, find_classes, list_samples, valid_mask
-from tools.synthetic.mvtec import (CLASSES, DEFECTS, FAMILIES, NOISE_SIGMA, SyntheticConfigError, family_of,
-                            generate_dataset, render_sample)
+from tools.synthetic.mvtec import (CLASSES, DEFAULT_SHAPES, DEFECTS, FAMILIES, MARKER, NOISE_SIGMA,
+                                   SyntheticConfigError, default_shape, family_of, generate_dataset, image_shape,
+                                   render_sample)
 from utils.errors import DataError
 from utils.io import read_gray, read_rgb, read_xyz
 
@@ -117,6 +118,52 @@ def test_scale_matches_parity_generator(parity_dir):
         for k in range(3):
             assert abs(np.median(a[va, k]) - np.median(b[vb, k])) < 0.02
             assert abs(np.ptp(a[va, k]) - np.ptp(b[vb, k])) < 0.3 * np.ptp(a[va, k]) + 0.005
+
+
+@pytest.mark.parametrize("shape", [(200, 170), (170, 240), (330, 370)])
+def test_non_square_samples_keep_the_border_clear_for_the_plane_fit(shape):
+    """H x W images: the object stays out of the 10-pixel border strips and the SPEC 2.1 plane
+    removal with a plane fitted on those strips keeps exactly the object (as at 400 x 400)."""
+    h, w = shape
+    border = np.ones(shape, bool)
+    border[10:-10, 10:-10] = False
+    for cls, index in (("rope", 0), ("cookie", 1), ("potato", 2)):
+        s = render_sample(cls, "test", "dent", index, size=shape, seed=4)
+        assert s.xyz.shape == (h, w, 3) and s.rgb.shape == (h, w, 3) and s.gt.shape == shape and s.gt.any()
+        assert not (s.object_mask & border).any() and not (s.gt.astype(bool) & border).any()
+        normal, d = _plane_fit(s.xyz[border & valid_mask(s.xyz)].astype(np.float64))
+        keep = valid_mask(s.xyz) & (np.abs(s.xyz.astype(np.float64) @ normal + d) >= 0.005)
+        assert np.array_equal(keep, s.object_mask), (cls, shape)
+        assert abs(abs(normal @ s.plane[:3]) - 1) < 1e-5
+
+
+def test_square_sizes_and_the_non_square_default():
+    """One side and (side, side) render the same; rope's default is not square, nor multiples of 100;
+    the other classes keep 400 x 400, so their data sets are unchanged."""
+    a = render_sample("cookie", "test", "stain", 0, size=120, seed=2)
+    b = render_sample("cookie", "test", "stain", 0, size=(120, 120), seed=2)
+    assert a.xyz.tobytes() == b.xyz.tobytes() and a.rgb.tobytes() == b.rgb.tobytes()
+    assert default_shape("rope") == DEFAULT_SHAPES["rope"] == (330, 370)
+    assert all(v % 100 for v in default_shape("rope"))
+    assert all(default_shape(c) == (400, 400) for c in CLASSES if c not in DEFAULT_SHAPES)
+    assert render_sample("rope", "train", "good", 0).xyz.shape == (330, 370, 3)
+    assert image_shape(96) == image_shape([96]) == (96, 96) and image_shape((80, 90)) == (80, 90)
+    for bad in ((80, 90, 100), (63, 80), (80.5, 90), ()):
+        with pytest.raises(SyntheticConfigError, match="--size"):
+            image_shape(bad)
+
+
+def test_generated_data_sets_use_each_class_default(tmp_path):
+    out = generate_dataset(tmp_path / "d", classes=["rope", "tire"], n_train=1, n_val=0, n_test_good=1,
+                           n_test_defect=0, seed=1, progress=False)
+    assert read_xyz(out / "rope" / "train" / "good" / "xyz" / "000.tiff").shape == (330, 370, 3)
+    assert read_gray(out / "rope" / "test" / "good" / "gt" / "000.png").shape == (330, 370)
+    assert read_xyz(out / "tire" / "test" / "good" / "xyz" / "000.tiff").shape == (400, 400, 3)
+    assert '"size": [330, 370]' in (out / "rope" / MARKER).read_text()
+    assert '"size": 400' in (out / "tire" / MARKER).read_text()     # square: one number, as before
+    out2 = generate_dataset(tmp_path / "e", classes=["rope"], n_train=1, n_val=0, n_test_good=0, n_test_defect=0,
+                            size=(90, 120), seed=1, progress=False)
+    assert read_xyz(out2 / "rope" / "train" / "good" / "xyz" / "000.tiff").shape == (90, 120, 3)
 
 
 def test_size_800():

@@ -7,7 +7,8 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms
 
-from utils.blur import blur_map, blur_maps, extended_box_blur_u8, quantize_u8
+from utils.blur import (blur_map, blur_maps, blurred_levels, box_weights, extended_box_blur_u8,
+                        level_difference_bound, quantize_u8)
 
 
 def pillow_blur(u8: np.ndarray) -> np.ndarray:
@@ -33,6 +34,36 @@ def test_emulation_equals_pillow_bit_for_bit(shape):
     ]
     for u in images:
         np.testing.assert_array_equal(extended_box_blur_u8(u), pillow_blur(u))
+
+
+@pytest.mark.parametrize("radius", [0, 0.5, 1, 2, 2.5, 3, 6, 10.5])
+def test_emulation_equals_pillow_for_other_radii(radius):
+    """--blur_radius: the emulation, written from Pillow's algorithm, equals Pillow's GaussianBlur."""
+    rng = np.random.default_rng(int(radius * 10))
+    for shape in ((224, 224), (7, 13), (2, 3)):
+        for u in (rng.integers(0, 256, shape, dtype=np.uint8), (rng.random(shape) < 0.03).astype(np.uint8) * 255):
+            ref = np.asarray(Image.fromarray(u).filter(ImageFilter.GaussianBlur(radius=radius)))
+            np.testing.assert_array_equal(extended_box_blur_u8(u, radius), ref)
+
+
+def test_blur_radius_sets_the_kernel_width():
+    """An impulse spreads over at most 3 (l + 1) pixels each side (three boxes of 2l + 3 taps; the
+    outermost, fractional taps may round to 0), so the kernel widens with the radius; radius 4 is
+    the documented box (l 3, ww 2130440, fw 932068); blur_map passes its radius to Pillow."""
+    assert box_weights(4) == (3, 2130440, 932068)
+    widths = []
+    impulse = np.zeros((101, 101))
+    impulse[50, 50] = 1.0
+    for radius in (1, 2, 4, 7):
+        out = blur_map(impulse, radius)
+        low = box_weights(radius)[0]
+        half = 50 - np.flatnonzero(out[50]).min()
+        assert 0 < half <= 3 * (low + 1), (radius, low, half)
+        ref = np.asarray(Image.fromarray(quantize_u8(impulse)).filter(ImageFilter.GaussianBlur(radius)))
+        np.testing.assert_array_equal(out, ref.astype(np.float32) / np.float32(255))
+        widths.append(half)
+    assert widths == sorted(set(widths)), widths
+    np.testing.assert_array_equal(blur_map(impulse, 0), impulse.astype(np.float32))   # radius 0: quantised only
 
 
 def test_emulation_on_a_stack_equals_per_image():
@@ -115,3 +146,51 @@ def test_parity_with_reference_maps(parity_dir):
     # The float64 alternative for A does not reproduce the reference: the dtype is not cosmetic.
     aligned64 = np.maximum(rgb_raw.astype(np.float64) * w + b, 0.0)
     assert not np.array_equal(blur_maps(aligned64), expected["new_rgb_map"])
+
+
+def test_blurred_levels_are_the_integer_image_of_blur_map():
+    m = (np.random.default_rng(5).random((40, 50)) ** 2).astype(np.float32)
+    levels = blurred_levels(m)
+    assert levels.dtype == np.uint8
+    np.testing.assert_array_equal(levels, pillow_blur(quantize_u8(m)))
+    np.testing.assert_array_equal(blur_map(m), levels.astype(np.float32) / np.float32(255) * m.max())
+
+
+def _perturbed(rng, base, flips, spikes):
+    """``base`` with ``flips`` pixels moved by one level and ``spikes`` pixels by up to 200 levels,
+    all in its top-left 48 x 40 quarter."""
+    q = base.astype(np.int64)
+    for n, size in ((flips, 1), (spikes, 200)):
+        r, c = rng.integers(0, 48, n), rng.integers(0, 40, n)
+        q[r, c] += rng.choice([-1, 1], n) * rng.integers(1, size + 1, n)
+    return np.clip(q, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_level_difference_bound_holds_and_is_zero_far_from_changes(seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:96, :80]
+    base = (120 + 100 * np.sin(yy / (5 + seed)) * np.cos(xx / 7)).astype(np.uint8)   # smooth, all levels
+    q = _perturbed(rng, base, flips=[3, 40, 400, 1500][seed], spikes=[1, 0, 3, 1][seed])
+    actual = np.abs(pillow_blur(q).astype(np.int64) - pillow_blur(base))
+    bound = level_difference_bound(q, base)
+    assert (actual <= bound).all() and actual.max() >= 1
+    # six box passes of radius 4: an input change reaches at most 12 pixels along each axis
+    changed = np.argwhere(q != base)
+    far = np.ones(q.shape, bool)
+    for r, c in changed:
+        far[max(r - 12, 0):r + 13, max(c - 12, 0):c + 13] = False
+    assert far.any() and not bound[far].any()
+    if seed == 1:   # few isolated spikes or flips: far below the largest input difference
+        assert bound.max() < np.abs(q.astype(int) - base).max() or bound.max() <= 1
+
+
+def test_level_difference_bound_is_tight_for_a_shift_and_damps_a_spike():
+    base = np.full((30, 30), 100, np.uint8)
+    assert (level_difference_bound(base + 1, base) == 1).all()
+    np.testing.assert_array_equal(pillow_blur(base + 1).astype(int) - pillow_blur(base), 1)
+    spike = base.copy()
+    spike[15, 15] = 255
+    actual = np.abs(pillow_blur(spike).astype(int) - pillow_blur(base))
+    bound = level_difference_bound(spike, base)
+    assert (actual <= bound).all() and 1 <= actual.max() and bound.max() <= 5 < 155

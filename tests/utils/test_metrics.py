@@ -3,7 +3,9 @@
 The vectorised AU-PRO is compared with a straightforward transcription of the SPEC 9
 procedure written here (per-image labelling, per-threshold and per-component loops,
 explicit trapezoids), with hand-computed cases, and with the reference's own numbers
-on the parity fixture.
+on the parity fixture. :class:`GroundTruthSet` (native resolution, SPEC 9.2) is compared with
+a loop-based transcription of the official MVTec 3D-AD evaluation (``tests/official_evaluation.py``)
+on hand-made cases of images of different sizes.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from utils.metrics import PRO_LIMITS, au_pro, evaluate_method, image_auroc, pixel_auroc, pro_curve
+from tests import official_evaluation as official
+from utils.metrics import GroundTruthSet, PRO_LIMITS, au_pro, evaluate_method, image_auroc, pixel_auroc, pro_curve
 
 METHOD_KEYS = {
     "RGB": ("rgb_map", "rgb_image_score"),
@@ -238,3 +241,86 @@ def test_per_defect_type_uses_good_plus_one_type():
     assert out["dent"]["n"] == 2 and out["dent"]["image_auroc"] == 0.75 and out["dent"]["pixel_auroc"] == 1.0
     assert out["stain"]["image_auroc"] == 0.0
     assert out["stain"]["pixel_auroc"] == 0.5    # its only defect pixel ties with the 11 zero background pixels
+
+
+# ----------------------------------------------------------------------------- native resolution (SPEC 9.2)
+HAND_MASKS = [np.array([[1, 0], [0, 1]], np.uint8), np.array([[0, 0], [0, 1]], np.uint8)]
+HAND_MAPS = [np.array([[0.2, 0.1], [0.3, 0.45]]), np.array([[0.2, 0.4], [0.5, 0.35]])]
+HAND_AU_PRO = {0.1: 0.0625, 0.3: 0.0625 / 0.3, 0.4: 0.3125, 0.5: 0.4, 0.7: 0.35625 / 0.7}  # test_hand_computed_au_pro
+
+
+def test_official_transcription_gives_the_hand_computed_values():
+    """The test's own official-evaluation transcription reproduces the hand derivation above."""
+    got = official.au_pro(HAND_MASKS, HAND_MAPS, limits=tuple(HAND_AU_PRO))
+    for limit, value in HAND_AU_PRO.items():
+        assert got[limit] == pytest.approx(value, abs=1e-12)
+
+
+def test_ground_truth_set_hand_case_and_a_good_image_of_another_size():
+    truth = GroundTruthSet(HAND_MASKS)
+    with pytest.warns(RuntimeWarning, match="image AUROC"):   # both images are anomalous
+        r = truth.evaluate(HAND_MAPS, limits=tuple(HAND_AU_PRO))
+    for limit, value in HAND_AU_PRO.items():
+        assert r["au_pro"][limit] == pytest.approx(value, abs=1e-12)
+    # A 1x3 good image adds OK pixels .05, .25, .6: OK sorted [.05 .1 .2 .25 .3 .4 .5 .6], n = 8,
+    # every position 0..7 a threshold, FPR = 1 - (pos+1)/8. C1 = {.2, .45}, C2 = {.35}:
+    #   t=.6 FPR 0: 0;  t=.5 FPR 1/8: 0;  t=.4 FPR 2/8: (1/2 + 0)/2 = .25;  t=.3 FPR 3/8: .75; ...
+    # AU-PRO(1/8) = 0 (a curve point); at 0.2, y = .25 * (.2 - .125) / .125 = .15 and the
+    # partial trapezoid .5 * .15 * .075 = .005625 -> AU-PRO(.2) = .028125.
+    # Image maxima .45 and .5 (defects) are below .6 (good): image AUROC 0.
+    masks = HAND_MASKS + [np.zeros((1, 3), np.uint8)]
+    maps = HAND_MAPS + [np.array([[0.05, 0.25, 0.6]])]
+    r = GroundTruthSet(masks).evaluate(maps, limits=(0.125, 0.2))
+    assert r["au_pro"][0.125] == 0.0
+    assert r["au_pro"][0.2] == pytest.approx(0.028125, abs=1e-12)
+    assert r["image_auroc"] == 0.0
+    want = official.evaluate(masks, maps, limits=(0.125, 0.2))
+    assert want["au_pro"][0.2] == pytest.approx(0.028125, abs=1e-12) and want["image_auroc"] == 0.0
+    assert r["pixel_auroc"] == pytest.approx(want["pixel_auroc"], abs=1e-14)
+
+
+def native_case(rng, n_images=7, levels=9):
+    """Images of different sizes: several blobs, a diagonal line, good images, quantised scores (ties)."""
+    masks, maps = [], []
+    for i in range(n_images):
+        h, w = rng.integers(20, 45, 2)
+        mask = np.zeros((h, w), np.uint8)
+        if i % 3:
+            for _ in range(rng.integers(1, 4)):
+                r, c = rng.integers(0, h - 6), rng.integers(0, w - 6)
+                mask[r:r + rng.integers(1, 6), c:c + rng.integers(1, 6)] = 255
+            mask[np.arange(5, 15), np.arange(3, 13)] = 7        # any non-zero value is anomalous
+        amap = np.floor((rng.random((h, w)) + 0.4 * (mask > 0) * rng.random((h, w))) * levels) / levels
+        masks.append(mask)
+        maps.append(amap.astype(np.float32))
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ground_truth_set_equals_the_official_evaluation(seed):
+    masks, maps = native_case(np.random.default_rng(seed))
+    limits = PRO_LIMITS + (0.123456, 0.5)
+    got = GroundTruthSet(masks).evaluate(iter(maps), limits=limits)   # any iterable, consumed once
+    want = official.evaluate(masks, maps, limits)
+    for limit in limits:
+        assert got["au_pro"][limit] == pytest.approx(want["au_pro"][limit], abs=1e-12), limit
+    assert got["pixel_auroc"] == pytest.approx(want["pixel_auroc"], abs=1e-14)
+    assert got["image_auroc"] == want["image_auroc"]
+
+
+def test_ground_truth_set_equals_the_stacked_metrics_on_equal_sizes():
+    """Same-size images: the native path gives the paper path's numbers exactly."""
+    masks, maps = random_case(np.random.default_rng(4))
+    got = GroundTruthSet(list(masks)).evaluate(list(maps))
+    assert got["au_pro"] == au_pro(masks, maps)
+    assert got["pixel_auroc"] == pixel_auroc(masks, maps)
+
+
+def test_ground_truth_set_refuses_mismatched_maps():
+    truth = GroundTruthSet(HAND_MASKS)
+    with pytest.raises(ValueError, match="map 1 has shape"):
+        truth.evaluate([HAND_MAPS[0], np.zeros((3, 2))])
+    with pytest.raises(ValueError):
+        truth.evaluate(HAND_MAPS[:1])
+    with pytest.raises(ValueError, match="non-finite"):
+        truth.evaluate([HAND_MAPS[0], np.full((2, 2), np.nan)])

@@ -29,7 +29,7 @@ def parity_results(parity_dir):
     return results, pred
 
 
-def fake_results(value_of):
+def fake_results(value_of, classes=("bagel", "cable_gland")):
     """results[cls][method] with every metric set by value_of(cls, method, metric)."""
     return {
         cls: {
@@ -40,7 +40,7 @@ def fake_results(value_of):
             }
             for m in METHODS
         }
-        for cls in ("bagel", "cable_gland")
+        for cls in classes
     }
 
 
@@ -95,6 +95,14 @@ def test_table_values_and_rows():
     assert "| RGB_SDF  |   0.888 |         0.988 |  0.938 |" in text  # (0.888 + 0.988) / 2
 
 
+def test_eyecandies_titles_are_kept_as_written():
+    """``str.title()`` would write ``Candycane`` and ``Chocolatecookie``; the release's names stay."""
+    classes = ["CandyCane", "ChocolateCookie", "cable_gland"]
+    text = results_tables(fake_results(lambda cls, m, metric: 0.5, classes), classes)
+    assert "| Method   |   CandyCane |   ChocolateCookie |   Cable_Gland |   Mean |" in text
+    assert "Candycane" not in text
+
+
 def test_results_json(parity_results):
     results, pred = parity_results
     results = {**results, "empty": {m: {"image_auroc": float("nan"), "pixel_auroc": 0.5,
@@ -113,3 +121,17 @@ def test_results_json(parity_results):
     assert back["mean"]["RGB"]["image_auroc"] is None  # NaN propagates into the mean
     assert back["pro_limits"] == list(PRO_LIMITS) and back["methods"] == list(METHODS)
     assert not math.isnan(back["mean"]["SDF"]["pixel_auroc"])
+
+
+def test_native_table_titles_name_the_frame():
+    native = fake_results(lambda cls, m, metric: 0.5 if metric in ("image", "pixel") else metric)
+    native = {c: {m: {"pixel_auroc": r["pixel_auroc"], "au_pro": r["au_pro"], "image_auroc": 0.5}
+                  for m, r in per.items()} for c, per in native.items()}
+    classes = ["bagel", "cable_gland"]
+    raw = reporting.native_table(native, {"bagel": "raw", "cable_gland": "raw"}, classes)
+    assert raw.startswith(f"{reporting.NATIVE_TITLE}, maps and gt at each raw sample's size \n\n| Method ")
+    assert "| RGB_AU_PRO_0.07      |    0.07 |          0.07 |   0.07 |" in raw
+    pre = reporting.native_table(native, {"bagel": "preprocessed", "cable_gland": "preprocessed"}, classes)
+    assert pre.splitlines()[0].endswith("maps and gt in the preprocessed, padded frame: raw sizes unknown ")
+    mixed = reporting.native_frame_text({"bagel": "raw", "cable_gland": "preprocessed"}, classes)
+    assert mixed == "frame per class: Bagel raw, Cable_Gland preprocessed"

@@ -10,7 +10,8 @@ shape-guided pool gathered with a Python loop over the retrieved patches; the fo
 of each test patch from its own call. Given the same memory, RGB features and alignment,
 the outputs must agree with :func:`core.inference.predict` up to float rounding;
 :func:`agreement` measures by how much. The benchmark times both ways with it and the
-tests use it as the independent per-patch implementation.
+tests use it as the independent per-patch implementation. The method flags (SPEC 13) are
+keyword arguments here too, replacing the reference's literal constants where they stand.
 """
 from __future__ import annotations
 
@@ -23,17 +24,17 @@ import torch.nn.functional as F
 from sklearn.decomposition import sparse_encode
 
 from core.dataset import IMAGE_SIZE
-from core.footprint import FEATURE_SIDE
+from core.footprint import FEATURE_SIDE, SHIFT
 from core.inference import K_RGB, K_SDF, N_NONZERO, PDIST_EPS, stage
 from core.memory import DualMemory, SampleInput
-from utils.blur import blur_map
+from utils.blur import BLUR_RADIUS, blur_map, blurred_levels, level_difference_bound, quantize_u8
 
 
-def authors_footprint(pix: torch.Tensor) -> torch.Tensor:
+def authors_footprint(pix: torch.Tensor, shift: int = SHIFT) -> torch.Tensor:
     """``get_relative_rgb_f_indices`` of one patch (SPEC 5.1): shifted cells, clipped by replacement."""
     cells = torch.unique(torch.div(torch.div(pix, IMAGE_SIZE, rounding_mode="floor"), 8, rounding_mode="floor")
                          * FEATURE_SIDE + torch.div(pix % IMAGE_SIZE, 8, rounding_mode="floor"))
-    shifted = torch.cat([cells + 2, cells - 2, cells + 2 * FEATURE_SIDE, cells - 2 * FEATURE_SIDE])
+    shifted = torch.cat([cells + shift, cells - shift, cells + shift * FEATURE_SIDE, cells - shift * FEATURE_SIDE])
     shifted[shifted < 0] = torch.max(shifted)
     shifted[shifted > FEATURE_SIDE ** 2 - 1] = torch.min(shifted)
     return torch.unique(shifted)
@@ -54,9 +55,9 @@ def authors_decode(nif, latent: torch.Tensor, points: torch.Tensor) -> torch.Ten
     return nif.fc5(net).reshape(-1)
 
 
-def authors_sparse_code(x: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+def authors_sparse_code(x: torch.Tensor, atoms: torch.Tensor, n_nonzero: int = N_NONZERO) -> torch.Tensor:
     """``sparse_encode`` on torch tensors for one query (float64 inside), code cast back, reconstruction."""
-    code = sparse_encode(X=x.view(1, -1), dictionary=atoms, algorithm="omp", n_nonzero_coefs=N_NONZERO,
+    code = sparse_encode(X=x.view(1, -1), dictionary=atoms, algorithm="omp", n_nonzero_coefs=n_nonzero,
                          alpha=1e-10)
     return torch.matmul(torch.Tensor(code), atoms)
 
@@ -69,7 +70,8 @@ def _knn(queries: torch.Tensor, pool: torch.Tensor, k: int, mode: str) -> torch.
 @torch.no_grad()
 def authors_predict(memory: DualMemory, sdf_model, rgb_extractor, inp: SampleInput, device: torch.device,
                     mode: str = "testing", weight: Optional[float] = None, bias: Optional[float] = None,
-                    times: Optional[dict] = None) -> dict:
+                    times: Optional[dict] = None, *, k_sdf: int = K_SDF, k_rgb: int = K_RGB,
+                    n_nonzero: int = N_NONZERO, shift: int = SHIFT, blur_radius: float = BLUR_RADIUS) -> dict:
     """One sample the reference's way (SPEC 8); returns the same quantities as :func:`core.inference.predict`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # premature OMP stops, silenced as in the reference
@@ -79,9 +81,10 @@ def authors_predict(memory: DualMemory, sdf_model, rgb_extractor, inp: SampleInp
         with stage(times, "rgb_features", device):
             rgb = rgb_extractor(inp.rgb.unsqueeze(0).to(device))[0]
         with stage(times, "sdf_knn_omp", device):
-            knn = _knn(feats, memory.sdf, K_SDF, mode).cpu()
+            knn = _knn(feats, memory.sdf, k_sdf, mode).cpu()
             feats_cpu, sdf_lib = feats.cpu(), memory.sdf.cpu()
-            recon = torch.cat([authors_sparse_code(feats_cpu[g], sdf_lib[knn[g]]) for g in range(knn.shape[0])])
+            recon = torch.cat([authors_sparse_code(feats_cpu[g], sdf_lib[knn[g]], n_nonzero)
+                               for g in range(knn.shape[0])])
             patch_scores = F.pairwise_distance(feats_cpu, recon, eps=PDIST_EPS)
         with stage(times, "sdf_decoder", device):
             s_map = np.zeros(IMAGE_SIZE * IMAGE_SIZE, dtype=float)
@@ -92,16 +95,16 @@ def authors_predict(memory: DualMemory, sdf_model, rgb_extractor, inp: SampleInp
                     if s_map[pix] == 0 or s_map[pix] > value:
                         s_map[pix] = value
         with stage(times, "rgb_knn_omp", device):
-            fp = [authors_footprint(inp.pixels[g]) for g in range(inp.pixels.shape[0])]
+            fp = [authors_footprint(inp.pixels[g], shift) for g in range(inp.pixels.shape[0])]
             cells = torch.unique(torch.cat(fp))
             fp_rows, indptr = memory.fp_rows.cpu(), memory.fp_indptr.cpu()
             guided = torch.unique(torch.cat([fp_rows[indptr[j]:indptr[j + 1]]
                                              for j in torch.unique(knn.flatten()).tolist()]))
             pool = memory.rgb[guided.to(device)]
             queries = rgb[cells.to(device)]
-            idx = _knn(queries, pool, K_RGB, mode).cpu()
+            idx = _knn(queries, pool, k_rgb, mode).cpu()
             queries, pool = queries.cpu(), pool.cpu()
-            rec = torch.cat([authors_sparse_code(queries[q], pool[idx[q]]) for q in range(idx.shape[0])])
+            rec = torch.cat([authors_sparse_code(queries[q], pool[idx[q]], n_nonzero) for q in range(idx.shape[0])])
             map28 = torch.zeros(FEATURE_SIDE ** 2)
             map28[cells] = F.pairwise_distance(queries, rec, eps=PDIST_EPS)
             rgb_map = F.interpolate(map28.view(1, 1, FEATURE_SIDE, FEATURE_SIDE), size=(IMAGE_SIZE, IMAGE_SIZE),
@@ -111,16 +114,16 @@ def authors_predict(memory: DualMemory, sdf_model, rgb_extractor, inp: SampleInp
                        sdf_features=feats_cpu.numpy(), patch_scores=patch_scores.numpy(),
                        sdf_map=s_map.reshape(IMAGE_SIZE, IMAGE_SIZE), rgb_map_28=map28.view(28, 28).numpy(),
                        rgb_map=rgb_map.numpy())
-            out["sdf_map_blur"] = blur_map(out["sdf_map"])
-            out["rgb_map_blur"] = blur_map(out["rgb_map"])
+            out["sdf_map_blur"] = blur_map(out["sdf_map"], blur_radius)
+            out["rgb_map_blur"] = blur_map(out["rgb_map"], blur_radius)
             if mode == "testing":
                 out["score"] = (patch_scores.max() * map28.max()).numpy()
                 aligned = rgb_map * weight + bias
                 aligned = torch.clip(aligned, min=0, max=aligned.max())
                 fused = torch.maximum(aligned, torch.from_numpy(out["sdf_map"]))
                 out["aligned_map"], out["fused_map"] = aligned.numpy(), fused.numpy()
-                out["aligned_map_blur"] = blur_map(out["aligned_map"])
-                out["fused_map_blur"] = blur_map(out["fused_map"])
+                out["aligned_map_blur"] = blur_map(out["aligned_map"], blur_radius)
+                out["fused_map_blur"] = blur_map(out["fused_map"], blur_radius)
     return out
 
 
@@ -135,23 +138,43 @@ def authors_memory_features(sdf_model, rgb_extractor, inp: SampleInput, device: 
 
 
 # ----------------------------------------------------------------------------- comparison
+def blur_agreement(pairs) -> dict:
+    """How far blurred maps differ, in integer 8-bit levels, for ``(ours, ref)`` unblurred map pairs.
+
+    ``quant_levels``: largest difference of the quantised inputs (:func:`utils.blur.quantize_u8`);
+    ``blur_levels``: largest difference of the blurred levels (:func:`utils.blur.blurred_levels`);
+    ``blur_excess``: largest amount by which a pixel's blurred difference exceeds
+    :func:`utils.blur.level_difference_bound` (<= 0 whenever the blur is Pillow's);
+    ``blur_changed``: share of pixels whose blurred level differs.
+    """
+    quant = blurred = excess = changed = pixels = 0
+    for ours, ref in pairs:
+        q_a, q_b = quantize_u8(np.asarray(ours)), quantize_u8(np.asarray(ref))
+        diff = np.abs(blurred_levels(ours).astype(np.int64) - blurred_levels(ref))
+        quant = max(quant, int(np.abs(q_a.astype(np.int64) - q_b).max()))
+        blurred = max(blurred, int(diff.max()))
+        excess = max(excess, int((diff - level_difference_bound(q_a, q_b)).max()))
+        changed, pixels = changed + int((diff > 0).sum()), pixels + diff.size
+    return dict(quant_levels=quant, blur_levels=blurred, blur_excess=excess, blur_changed=changed / max(pixels, 1))
+
+
 def agreement(ours, ref: dict) -> dict:
-    """Largest differences between a :class:`core.inference.Prediction` and :func:`authors_predict`'s output."""
+    """Largest differences between a :class:`core.inference.Prediction` and :func:`authors_predict`'s output.
+
+    Blurred maps are compared in integer levels (:func:`blur_agreement`): a float kernel that
+    rounds differently moves a pixel across a level boundary, which the blur spreads.
+    """
     def rel(a, b):
         return float(abs(np.float64(a) - np.float64(b)) / max(abs(np.float64(b)), 1e-30))
 
-    def levels(a, b, raw_max):
-        return float(np.abs(np.asarray(a, np.float64) - b).max() / (raw_max / 255)) if raw_max > 0 else 0.0
-
+    pairs = [(ours.sdf_map, ref["sdf_map"]), (ours.rgb_map, ref["rgb_map"])]
     out = dict(score_rel=max(rel(ours.sdf_score, ref["sdf_score"]), rel(ours.rgb_score, ref["rgb_score"])),
                sdf_map_abs=float(np.abs(ours.sdf_map - ref["sdf_map"]).max()),
-               rgb28_abs=float(np.abs(ours.rgb_map_28 - ref["rgb_map_28"]).max()),
-               blur_levels=max(levels(ours.sdf_map_blur, ref["sdf_map_blur"], ours.sdf_map.max()),
-                               levels(ours.rgb_map_blur, ref["rgb_map_blur"], ours.rgb_map.max())))
+               rgb28_abs=float(np.abs(ours.rgb_map_28 - ref["rgb_map_28"]).max()))
     if ours.score is not None:
         out["score_rel"] = max(out["score_rel"], rel(ours.score, ref["score"]))
-        out["blur_levels"] = max(out["blur_levels"], levels(ours.fused_map_blur, ref["fused_map_blur"],
-                                                            ours.fused_map.max()))
+        pairs.append((ours.fused_map, ref["fused_map"]))
+    out.update(blur_agreement(pairs))
     return out
 
 

@@ -35,6 +35,7 @@ class BenchContext:
     subset: int = 2
     seed: int = 0
     quick: bool = False
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])   # inference: main.py in each (SPEC 12.4)
     preprocessed: Optional[Path] = None
     grids: Optional[Path] = None
     pretrain_grids: Optional[Path] = None

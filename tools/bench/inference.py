@@ -10,17 +10,22 @@ import torch
 
 from core.alignment import N_ALIGN, align
 from core.dataset import list_samples
-from core.inference import encode_sample, predict
+from core.inference import STAGE_NAMES, encode_sample, predict
 from core.memory import MemoryBuilder, load_sample_input
-from core.pipeline import reference_sample_orders
+from core.patch_files import POINT_NUM
+from core.pipeline import RunConfig, reference_sample_orders
 from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
 from tools.authors_way.inference import agreement, authors_memory_features, authors_predict
 from tools.bench import row
+from tools.bench.precision import encoder_flops, fidelity, gemm_gflops, run_precisions
+from utils.allocator import keep_freed_memory
 from utils.device import Timer
 
 STAGE = "inference"
-STAGES = ("sdf_encode", "rgb_features", "sdf_knn_omp", "sdf_decoder", "rgb_knn_omp", "blur_fusion")
+STAGES = STAGE_NAMES
+# Matrix products the encoder is compared with: a large square-ish one, and conv3 at the CPU chunk.
+GEMM_SHAPES = (((4000, 1024, 1024), "large product"), ((2000, 128, 1024), "conv3 of 4 patches as a product"))
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -28,6 +33,7 @@ def benchmark(ctx) -> list[dict]:
     """Per-sample inference time by stage, memory building per training sample, and the authors' way
     on ``ctx.subset`` test samples (same memory, same alignment), with agreement."""
     device = ctx.device
+    keep_freed_memory()     # as main.py (utils/allocator.py)
     cls = ctx.classes[0]
     root, grids = ctx.preprocessed or ctx.raw, ctx.grids
     sdf_model, _ = load_sdf_checkpoint(ctx.ckpt, map_location=device)
@@ -58,8 +64,10 @@ def benchmark(ctx) -> list[dict]:
     ours_sub: dict = {s: 0.0 for s in STAGES}
     authors_times: dict = {s: 0.0 for s in STAGES}
     worst: dict = {}
+    test_patches = 0
     for n, sample in enumerate(test):
         inp = load(sample)
+        test_patches += inp.points.shape[0]
         times: dict = {}
         with torch.no_grad():
             pred = predict(memory, sdf_model, encode_sample(inp, sdf_model, rgb, device, times), "testing",
@@ -76,7 +84,8 @@ def benchmark(ctx) -> list[dict]:
     n_test, n_ref = len(test), min(ctx.subset, len(test))
     agree = (f"{n_ref} samples: scores max rel {worst.get('score_rel', 0):.1e}, SDF map max |d| "
              f"{worst.get('sdf_map_abs', 0):.1e}, RGB 28 map max |d| {worst.get('rgb28_abs', 0):.1e}, blurred maps "
-             f"<= {worst.get('blur_levels', 0):.2f} levels") if n_ref else None
+             f"<= {worst.get('blur_levels', 0)} level(s) on {worst.get('blur_changed', 0):.2%} of pixels") \
+        if n_ref else None
     note = f"class {cls}, {len(train)} train / {n_test} test samples, device {device}"
     rows = [row(STAGE, "memory building (SDF encode + RGB features + footprints)", t_fit.seconds / len(inputs),
                 t_fit_authors.seconds / n_sub, unit="s/train sample",
@@ -89,4 +98,56 @@ def benchmark(ctx) -> list[dict]:
                         authors_times[s] / n_ref if n_ref else None, note=f"ours over {n_test} samples"))
     rows.append(row(STAGE, "test: total per sample (same subset)", sum(ours_sub.values()) / max(n_ref, 1),
                     sum(authors_times.values()) / n_ref if n_ref else None, agree=agree, note=note))
+    rows += rate_rows(sdf_model, device, test_patches, ours_times["sdf_encode"], ctx.precisions)
+    if set(ctx.precisions) - {"fp32"}:
+        rows += precision_rows(ctx, cls, root, grids, sdf_model, rgb)
+    return rows
+
+
+def rate_rows(sdf_model, device, patches: int, encode_seconds: float, precisions: list[str]) -> list[dict]:
+    """The machine's matrix-product rates beside the float32 encoder's rate in the test loop (GFLOPS)."""
+    enc = encoder_flops(sdf_model.encoder, patches, POINT_NUM) / encode_seconds / 1e9
+    rows = [row(STAGE, f"GEMM rate float32 {m}x{k} @ {k}x{n}", gemm_gflops(m, k, n, device=device), unit="GFLOPS",
+                note=note) for (m, k, n), note in GEMM_SHAPES]
+    if "bf16" in precisions:
+        rows += [row(STAGE, f"GEMM rate bfloat16 {m}x{k} @ {k}x{n}", gemm_gflops(m, k, n, torch.bfloat16, device),
+                     unit="GFLOPS", note=note) for (m, k, n), note in GEMM_SHAPES]
+    rows.append(row(STAGE, "SDF encoder rate float32 (test: sdf_encode)", enc, unit="GFLOPS",
+                    note=f"{patches} test patches x {encoder_flops(sdf_model.encoder, 1, POINT_NUM) / 1e6:.1f} MFLOP"))
+    return rows
+
+
+def precision_rows(ctx, cls: str, root, grids, sdf_model, rgb) -> list[dict]:
+    """``main.py``'s per-class run in fp32 and each of ``ctx.precisions``
+    (:func:`tools.bench.precision.run_precisions`): test time per sample by stage, ratio to fp32, the
+    encoder's rate, and the fidelity of each reduced mode against fp32."""
+    device = ctx.device
+    cfg = RunConfig(root, grids, ctx.ckpt, classes=[cls], device=str(device), seed=ctx.seed, keep_predictions=True)
+    runs = run_precisions(cfg, ctx.precisions, sdf_model, rgb, device, [cls])
+    base = runs["fp32"][1][cls]
+    n_test = len(base.samples)
+    base_total = sum(base.times["test"].get(s, 0.0) for s in STAGES)
+    rows = []
+    for mode, (precision, results) in runs.items():
+        res = results[cls]
+        test = res.times["test"]
+        patches = sum(p.sdf_features.shape[0] for p in res.predictions)
+        label = mode if precision.effective == mode else f"{mode} (ran {precision.effective})"
+        for s in STAGES:
+            rows.append(row(STAGE, f"main.py test {label}: {s}", test.get(s, 0.0) / n_test,
+                            note=f"{base.times['test'][s] / test[s]:.2f}x the fp32 speed" if test.get(s) else ""))
+        agree = None
+        if mode != "fp32":
+            f = fidelity({cls: base}, {cls: res}, [cls])
+            agree = (f"vs fp32: table cells max |d| {f['table_cell_abs']:.3f} ({f['cells']} cells), image scores "
+                     f"max rel {f['image_score_rel']:.1e}, blurred maps <= {f['map_levels']:.2f} levels "
+                     f"(p99 {f['map_levels_p99']:.2f})")
+        total = sum(test.get(s, 0.0) for s in STAGES)
+        rows.append(row(STAGE, f"main.py test {label}: total per sample", total / n_test, agree=agree,
+                        note=f"{base_total / total:.2f}x the fp32 speed; class {cls}, {n_test} test samples"))
+        rows.append(row(STAGE, f"SDF encoder rate {label} (main.py test: sdf_encode)",
+                        encoder_flops(sdf_model.encoder, patches, POINT_NUM) / test["sdf_encode"] / 1e9,
+                        unit="GFLOPS"))
+    for _, results in runs.values():
+        results[cls].predictions = None
     return rows

@@ -34,7 +34,8 @@ def _compare(ours: list[dict], authors: list[dict], exact_keys: tuple[str, ...],
 def _subset_rows(ctx, samples, pretrain: bool) -> dict:
     """Time ours (:func:`cut_arrays`) and the authors' way on the same clouds, in-process."""
     group_mul = PRETRAIN_GROUP_MUL if pretrain else GROUP_MUL
-    options = CutOptions(pretrain=pretrain, group_mul=group_mul, seed=ctx.seed, device=str(ctx.device))
+    options = CutOptions(pretrain=pretrain, group_mul=group_mul, seed=ctx.seed, device=str(ctx.device),
+                         allow_unpreprocessed=ctx.preprocessed is None)
     ours, authors, t_ours, t_authors = [], [], 0.0, 0.0
     cut_arrays(PatchJob(samples[0].xyz, ctx.work / "unused.npz", 0), options)   # untimed warm-up (CUDA start-up)
     for draw, sample in enumerate(samples):
@@ -74,7 +75,8 @@ def benchmark(ctx) -> list[dict]:
         out = ctx.work / ("pretrain_grids" if pretrain else "grids")
         with Timer(ctx.device) as t:
             report = cut_patches(CutConfig(data, out, pretrain=pretrain, classes=ctx.classes, seed=ctx.seed,
-                                           workers=ctx.workers, overwrite=True, device=str(ctx.device)),
+                                           workers=ctx.workers, overwrite=True, device=str(ctx.device),
+                                           allow_unpreprocessed=ctx.preprocessed is None),
                                  progress=False)
         rows.append(row(STAGE, f"{name}: whole data set, {ctx.workers} workers", t.seconds / max(1, report.written),
                         note=f"{report.written} files written, wall time per file incl. worker start-up"))

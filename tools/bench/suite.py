@@ -24,6 +24,7 @@ from tools.synthetic.mvtec import generate_dataset
 from utils.device import Timer, resolve_device
 from utils.errors import ConfigError
 from utils.io import write_text
+from utils.precision import cpu_bf16_units, resolve_precision
 
 STAGES = ("preprocessing", "patches", "training", "inference")
 STAGE_BENCHMARKS = {"preprocessing": preprocessing.benchmark, "patches": patches.benchmark,
@@ -54,6 +55,7 @@ class BenchConfig:
     seed: int = 0
     quick: bool = False
     background_removed: bool = False   # generate the data already preprocessed (machines without Open3D)
+    precision: list[str] = field(default_factory=lambda: ["fp32"])
 
 
 def machine_info(device) -> dict:
@@ -67,6 +69,7 @@ def machine_info(device) -> dict:
             info["cpu"] = names[0]
     except OSError:
         pass
+    info["cpu_bf16_units"] = cpu_bf16_units()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
@@ -80,7 +83,8 @@ def markdown_table(rows: list[dict], info: dict) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
     lines = [f"Machine: {info.get('cpu')} ({info.get('cpu_count')} cores, torch {info.get('torch')}, "
-             f"{info.get('torch_threads')} threads), device {info.get('device')}"
+             f"{info.get('torch_threads')} threads, bfloat16 units: {', '.join(info.get('cpu_bf16_units') or []) or 'none'}"
+             f"), device {info.get('device')}"
              + (f" ({info['gpu']})" if "gpu" in info else ""),
              "",
              "| stage | measure | unit | ours | authors' way | speed-up | outputs agree | note |",
@@ -131,6 +135,8 @@ def run_benchmark(args: BenchConfig) -> dict:
     output of an earlier one, and :class:`utils.device.DeviceUnavailableError` for an unusable device.
     """
     device = resolve_device(args.device)
+    for mode in args.precision:        # tf32 on a CPU: refused before any data is generated
+        resolve_precision(mode, device)
     if args.quick:
         args.size, args.n_train, args.n_test_good, args.n_test_defect = 400, 3, 1, 1
     out = args.out.resolve()
@@ -139,7 +145,7 @@ def run_benchmark(args: BenchConfig) -> dict:
                           "from --stages")
     raw = out / "data" / (f"preprocessed_{args.size}" if args.background_removed else f"raw_{args.size}")
     ctx = BenchContext(raw=raw, work=out / "work", classes=args.classes, device=device, workers=args.workers,
-                       subset=args.subset, seed=args.seed, quick=args.quick,
+                       subset=args.subset, seed=args.seed, quick=args.quick, precisions=list(args.precision),
                        preprocessed=raw if args.background_removed else None)
     ctx.work.mkdir(parents=True, exist_ok=True)
     load_state(ctx, args)

@@ -1,8 +1,10 @@
 """Run the four pipeline scripts as a user would: as subprocesses with the documented flags.
 
 Used by ``tools/demo.py`` (the offline demo on the synthetic data set) and by the
-end-to-end test. Every command is echoed, its output streamed, and a failing step stops
-the run with the step's name and exit code.
+end-to-end tests. Every command is echoed, its output streamed, and a failing step stops
+the run with the step's name and exit code. With ``dataset="eyecandies"`` the synthetic
+objects are written as the Eyecandies release and ``tools/prepare_eyecandies.py`` converts
+them before the four scripts run.
 """
 from __future__ import annotations
 
@@ -23,17 +25,23 @@ class StepFailed(RuntimeError):
     """A pipeline script exited non-zero."""
 
 
+DATASETS = ("mvtec", "eyecandies")
+# rope: not square, no multiple of 100 (330 x 370 by default), as some MVTec 3D-AD samples
+DEFAULT_CLASSES = {"mvtec": ["bagel", "cookie", "rope"], "eyecandies": ["CandyCane", "ChocolateCookie"]}
+
+
 @dataclass
 class DemoConfig:
     """Sizes and schedule of a synthetic end-to-end run."""
 
-    classes: list[str] = field(default_factory=lambda: ["bagel", "cookie"])
+    classes: Optional[list[str]] = None       # None: DEFAULT_CLASSES of the data set
+    dataset: str = "mvtec"                    # or "eyecandies": the release's files, converted first
     n_train: int = 10
     n_val: int = 1
     n_test_good: int = 4
     n_test_defect: int = 2          # per defect type (dent, bump, stain, crack)
     defects: list[str] = field(default_factory=list)   # empty: the generator's default set
-    size: int = 400
+    size: Optional[list[int]] = None   # [side] or [H, W]; None: each class's default size
     pretrain_clouds: int = 3        # the authors use 20; a short CPU schedule uses fewer
     epochs: int = 1                 # authors' semantics: --epoch E runs E + 1 passes
     batch_size: int = 16
@@ -48,6 +56,7 @@ class DemoConfig:
     viz: bool = True
     save_maps: bool = True
     extra_train_args: list[str] = field(default_factory=list)
+    extra_main_args: list[str] = field(default_factory=list)   # e.g. method flags
 
 
 @dataclass
@@ -88,19 +97,27 @@ def newest(pattern: str, root: Path) -> Path:
 
 def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
     """Generate the synthetic data set and run the four scripts on it; return the parsed results."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown data set {cfg.dataset!r}; expected one of {DATASETS}")
     out = Path(out).resolve()
     raw, pre, grids, ckpts, results = out / "raw", out / "preprocessed", out / "grids", out / "checkpoint", out / "output"
     log = out / "pipeline.log"
     seed = ["--seed", str(cfg.seed)]
-    classes = list(cfg.classes)
+    classes = list(cfg.classes or DEFAULT_CLASSES[cfg.dataset])
+    eyecandies = cfg.dataset == "eyecandies"
     t = {}
     device = ["--device", cfg.device]
     t["generate"] = run_step("generate", [
-        "tools/make_synthetic_dataset.py", pre if cfg.background_removed else raw, "--classes", *classes,
-        "--n_train", cfg.n_train, "--n_val", cfg.n_val, "--n_test_good", cfg.n_test_good,
-        "--n_test_defect", cfg.n_test_defect, "--size", cfg.size, *seed,
+        "tools/make_synthetic_dataset.py",
+        out / "eyecandies_release" if eyecandies else (pre if cfg.background_removed else raw), "--format", cfg.dataset,
+        "--classes", *classes, "--n_train", cfg.n_train, "--n_val", cfg.n_val,
+        "--n_test_good", cfg.n_test_good, "--n_test_defect", cfg.n_test_defect,
+        *(["--size", *cfg.size] if cfg.size else []), *seed,
         *(["--defects", *cfg.defects] if cfg.defects else []), *(["--background_removed"] * cfg.background_removed)],
         log, quiet)
+    if eyecandies:
+        t["prepare_eyecandies"] = run_step("prepare_eyecandies", [
+            "tools/prepare_eyecandies.py", out / "eyecandies_release", raw, "--workers", cfg.workers], log, quiet)
     if not cfg.background_removed:
         t["preprocess"] = run_step("preprocess", [
             "tools/preprocessing.py", raw, "--output_dir", pre, "--workers", cfg.workers, *seed], log, quiet)
@@ -119,7 +136,7 @@ def run_pipeline(out: Path, cfg: DemoConfig, quiet: bool = False) -> DemoResult:
     main_args = ["main.py", "--datasets_path", pre, "--grid_path", grids, "--ckpt_path", ckpt,
                  "--output_dir", results, "--rgb_backbone", cfg.rgb_backbone, *device, *seed]
     main_args += ["--rgb_weights", cfg.rgb_weights] * (cfg.rgb_weights is not None)
-    main_args += ["--viz"] * cfg.viz + ["--save_maps"] * cfg.save_maps
+    main_args += ["--viz"] * cfg.viz + ["--save_maps"] * cfg.save_maps + list(cfg.extra_main_args)
     t["main"] = run_step("main", main_args, log, quiet)
     result_dir = newest("*-result*", results)
     return DemoResult(out=out, result_dir=result_dir, results_txt=(result_dir / "results.txt").read_text(),

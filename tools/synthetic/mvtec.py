@@ -4,8 +4,8 @@ Each sample is what a structured-light sensor about 0.4 m away sees of one objec
 on a background plane tilted by 1.5-4 degrees that fills every other pixel:
 
 * ``xyz``: float32 (H, W, 3) organised cloud in metres from a pinhole camera (focal length
-  ``3 * size`` pixels, so the field of view is about 13 cm at every ``size``); ``x = u * z``,
-  ``y = v * z``. Depth noise is Gaussian, sigma 0.15 mm. Sensor dropouts are stored as
+  ``3 * min(H, W)`` pixels, so the shorter side sees about 13 cm at every size and the longer
+  side proportionally more of the plane); ``x = u * z``, ``y = v * z``. Depth noise is Gaussian, sigma 0.15 mm. Sensor dropouts are stored as
   exactly ``(0, 0, 0)`` (SPEC 1.2): isolated speckles, a few small blobs (on plane and
   object) and about half of the pixels on steep slopes (object silhouettes).
 * ``rgb``: uint8 (H, W, 3); a textured object of the class colour on a dark grey plane,
@@ -17,8 +17,10 @@ the optical axis): every pixel's ray meets the plane at depth ``z_plane``; an ob
 height ``h`` there moves the point ``h`` towards the camera along the same ray
 (``z = z_plane - h``). Every object pixel is at least about 6 mm above the plane (rims
 are steep walls), every plane pixel is within the noise of it, so the plane removal of
-SPEC 2.1 (5 mm) removes exactly the plane pixels. Objects cover about 23-32 % of the
-image and, from ``size`` 400 up, stay clear of the 10-pixel border strips of the plane fit.
+SPEC 2.1 (5 mm) removes exactly the plane pixels. Objects cover about 23-32 % of a square
+image and stay clear of the 10-pixel border strips of the plane fit (the tests check it at
+160-400 px, square and not). Images need not be square: MVTec 3D-AD samples are not all
+square, nor multiples of 100 px, so one class (:data:`DEFAULT_SHAPES`) has such a default.
 Three families (:data:`FAMILIES`): ``torus`` (bagel-like), ``disc`` (cookie-like),
 ``blob`` (potato-like); every MVTec class name maps to one (:data:`CLASSES`), which also
 gives its colour. Pose, size, outline, surface lumps and texture vary per sample.
@@ -43,11 +45,16 @@ defect-free geometry.
 
 Public API::
 
-    render_sample(cls, split, defect, index, size=400, seed=0, with_defect=True) -> SyntheticSample
+    render_sample(cls, split, defect, index, size=None, seed=0, with_defect=True) -> SyntheticSample
+    render_scene(...) -> Scene     # the same render before it becomes files (other cameras, lights)
     generate_dataset(out, classes=("bagel", "cookie"), n_train=20, n_val=2, n_test_good=4,
-                     n_test_defect=2, size=400, seed=0, defects=DEFAULT_DEFECTS,
+                     n_test_defect=2, size=None, seed=0, defects=DEFAULT_DEFECTS,
                      workers=1, overwrite=False, progress=True) -> Path
     family_of(cls) -> str
+    image_shape(size) -> (H, W);  default_shape(cls) -> (H, W)
+
+``size`` is one side (a square image, as before) or ``(H, W)``; ``None`` takes the class's
+default (:data:`DEFAULT_SHAPES`, else 400 x 400).
 
 ``SyntheticSample.object_mask`` / ``plane_mask`` are the valid (non-dropout) pixels of
 the object and of the plane; ``plane`` is the noise-free plane ``(a, b, c, d)`` with unit
@@ -62,7 +69,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -102,6 +109,13 @@ DEFECTS: dict[str, str] = {
 }
 DEFAULT_DEFECTS = ("dent", "bump", "stain", "crack")
 
+#: default image size (H, W) of a class; classes not listed are DEFAULT_SIDE x DEFAULT_SIDE.
+#: ``rope`` is not square and its sides are no multiples of 100, as some MVTec 3D-AD samples,
+#: so preprocessing pads it (to 400 x 400: 35 rows, 15 columns on each side).
+DEFAULT_SIDE = 400
+DEFAULT_SHAPES: dict[str, tuple[int, int]] = {"rope": (330, 370)}
+MIN_SIDE = 64
+
 # ----------------------------------------------------------------------------- scene constants (metres)
 NOISE_SIGMA = 1.5e-4          # depth noise
 MIN_DEFECT_HEIGHT = 6.5e-3    # every defect pixel stays this high above the plane
@@ -133,6 +147,27 @@ def family_of(cls: str) -> str:
     if cls not in CLASSES:
         raise SyntheticConfigError(f"unknown class {cls!r}; known classes: {', '.join(sorted(CLASSES))}")
     return CLASSES[cls][0]
+
+
+def default_shape(cls: str) -> tuple[int, int]:
+    """The class's default image size (H, W)."""
+    family_of(cls)
+    return DEFAULT_SHAPES.get(cls, (DEFAULT_SIDE, DEFAULT_SIDE))
+
+
+def image_shape(size) -> tuple[int, int]:
+    """(H, W) of a ``size`` given as one side (square), ``(side,)`` or ``(H, W)``.
+
+    :class:`SyntheticConfigError` for anything else or a side below :data:`MIN_SIDE`.
+    """
+    sides = [size] if np.isscalar(size) else list(size)
+    if len(sides) not in (1, 2) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                            for v in sides):
+        raise SyntheticConfigError(f"size (--size) must be one side or H W, in pixels; got {size!r}")
+    h, w = (int(sides[0]), int(sides[-1]))
+    if min(h, w) < MIN_SIDE:
+        raise SyntheticConfigError(f"size (--size): need image sides >= {MIN_SIDE} px; got {h} x {w}")
+    return h, w
 
 
 def _check_defect(defect: str) -> None:
@@ -261,10 +296,11 @@ def _albedo(rng: np.random.Generator, family: str, base: np.ndarray, frame: _Fra
     return albedo
 
 
-def _shading(height: np.ndarray, pitch: float) -> np.ndarray:
-    """Lambertian shading factor of a height field (pixels of ``pitch`` metres)."""
+def _shading(height: np.ndarray, pitch: float, light: np.ndarray = _LIGHT) -> np.ndarray:
+    """Lambertian shading factor of a height field (pixels of ``pitch`` metres) under a unit
+    ``light`` direction (x right, y down, z towards the camera)."""
     gy, gx = np.gradient(height, pitch)
-    lambert = np.clip((_LIGHT[2] - _LIGHT[0] * gx - _LIGHT[1] * gy) / np.sqrt(gx * gx + gy * gy + 1), 0, None)
+    lambert = np.clip((light[2] - light[0] * gx - light[1] * gy) / np.sqrt(gx * gx + gy * gy + 1), 0, None)
     return 0.3 + 0.7 * lambert
 
 
@@ -378,37 +414,105 @@ def _place_defect(rng: np.random.Generator, name: str, height: np.ndarray, pitch
 
 
 # ----------------------------------------------------------------------------- rendering
-def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400, seed: int = 0,
+@dataclass(frozen=True)
+class Camera:
+    """A pinhole camera: ``focal`` length and principal point ``centre`` (both axes) in pixels,
+    pixel-index coordinates (pixel ``i`` at ``i``). The plane is placed at ``focal / (3 size)``
+    times the MVTec camera's distance, so every camera sees the same scene in metres at the same
+    pixel pitch."""
+
+    focal: float
+    centre: float | tuple[float, float]   # one value for both axes, or (row, column)
+
+
+def mvtec_camera(shape: tuple[int, int]) -> Camera:
+    """The MVTec-layout camera of an (H, W) image: focal ``3 * min(H, W)``; the centre off the pixel
+    grid, so no x or y is exactly zero (a zero coordinate would make the point invalid, SPEC 1.2)."""
+    return Camera(3.0 * min(shape), tuple((n - 1) / 2 + 0.3 for n in shape))
+
+
+@dataclass
+class Scene:
+    """One rendered sample before it becomes files (see :func:`render_scene`)."""
+
+    z: np.ndarray            # (H, W) float64 depth along the optical axis, noise included, no dropouts
+    ray_x: np.ndarray        # (W,) x / z of each column
+    ray_y: np.ndarray        # (H,) y / z of each row
+    height: np.ndarray       # (H, W) height above the plane, metres (defect included)
+    pitch: float             # metres per pixel at the plane
+    albedo: np.ndarray       # (H, W, 3) 0-255 units (defect included)
+    pixel_noise: np.ndarray  # (H, W, 3)
+    drop: np.ndarray         # (H, W) bool sensor dropouts
+    inside: np.ndarray       # (H, W) bool object pixels
+    gt: np.ndarray           # (H, W) bool defect pixels
+    dh: np.ndarray           # (H, W) height change of the defect (0 outside)
+    alpha: np.ndarray        # (H, W) albedo blend weight of the defect (0 outside)
+    plane: np.ndarray        # (4,) float64 noise-free plane, unit normal
+
+    def xyz(self) -> np.ndarray:
+        """(H, W, 3) float32 organised cloud, dropouts exactly (0, 0, 0)."""
+        xyz = np.stack([self.ray_x[None, :] * self.z, self.ray_y[:, None] * self.z, self.z], axis=-1).astype(np.float32)
+        xyz[self.drop] = 0.0
+        return xyz
+
+    def rgb(self, *lights: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 image under unit light directions (default: the MVTec renders' light),
+        several lights shading with the mean of their factors."""
+        shades = [_shading(self.height, self.pitch, light) for light in (lights or (_LIGHT,))]
+        shade = (shades[0] if len(shades) == 1 else np.mean(shades, axis=0))[..., None]
+        return np.clip(np.rint(self.albedo * shade + self.pixel_noise), 0, 255).astype(np.uint8)
+
+
+def render_sample(cls: str, split: str, defect: str, index: int, size=None, seed: int = 0,
                   with_defect: bool = True) -> SyntheticSample:
     """Render sample ``<cls>/<split>/<defect>/<index:03d>`` of the data set for ``seed``.
 
+    ``size``: one side (square), ``(H, W)``, or None for the class default (:func:`default_shape`).
+    A square size renders exactly what it rendered before non-square sizes existed.
     ``with_defect=False`` renders the same sample (same object, texture, noise, dropouts)
     without its defect; its ``gt`` is then all zero.
     """
-    family = family_of(cls)
+    scene = render_scene(cls, split, defect, index, size, seed, with_defect)
+    return SyntheticSample(xyz=scene.xyz(), rgb=scene.rgb(), gt=(scene.gt * 255).astype(np.uint8),
+                           object_mask=scene.inside & ~scene.drop, plane_mask=~scene.inside & ~scene.drop,
+                           plane=scene.plane)
+
+
+def render_scene(cls: str, split: str, defect: str, index: int, size=None, seed: int = 0,
+                 with_defect: bool = True, *, look: tuple[str, tuple[int, int, int]] | None = None,
+                 camera: Camera | None = None, sensor: bool = True) -> Scene:
+    """The scene of :func:`render_sample`. ``size`` as there (for a class name this module does
+    not know, give it); ``look`` = (family, albedo) for such a name (default: :data:`CLASSES`);
+    ``camera`` another camera (default: :func:`mvtec_camera`); ``sensor=False`` a rendered depth
+    map: no depth noise and no dropouts (the random draws are made all the same, so everything
+    else is unchanged)."""
+    family, colour = look if look is not None else (family_of(cls), CLASSES[cls][1])
+    if family not in FAMILIES:
+        raise SyntheticConfigError(f"unknown object family {family!r}; known: {', '.join(FAMILIES)}")
     _check_defect(defect)
     if split not in SPLITS:
         raise SyntheticConfigError(f"unknown split {split!r}; expected one of {SPLITS}")
     if split != "test" and defect != GOOD:
         raise SyntheticConfigError(f"split {split!r} holds only {GOOD!r} samples, got defect {defect!r}")
-    if size < 64 or index < 0 or seed < 0:
-        raise SyntheticConfigError(f"need size >= 64, index >= 0, seed >= 0; got {size}, {index}, {seed}")
+    shape = default_shape(cls) if size is None else image_shape(size)
+    if index < 0 or seed < 0:
+        raise SyntheticConfigError(f"need index >= 0 and seed >= 0; got {index}, {seed}")
     shape_rng, sensor_rng, defect_rng = _sample_rngs(seed, cls, split, defect, index)
-    base = np.array(CLASSES[cls][1], float)
-    shape = (size, size)
+    base = np.array(colour, float)
 
     # Camera rays and the tilted plane z = z0 + gx x + gy y. The scene (object, textures)
     # lives on the image grid scaled to the plane's depth on the optical axis: ``pitch``
-    # metres per pixel.
-    focal = 3.0 * size
-    centre = (size - 1) / 2 + 0.3  # off the pixel grid, so no x or y is exactly zero
-    ray = (np.arange(size) - centre) / focal
-    z0 = shape_rng.uniform(0.375, 0.395)
+    # metres per pixel. The optical axis is at the camera's centre (row, col).
+    camera = camera or mvtec_camera(shape)
+    focal = camera.focal
+    centre = np.broadcast_to(np.asarray(camera.centre, dtype=float), (2,)).copy()
+    ray_r, ray_c = ((np.arange(n) - c) / focal for n, c in zip(shape, centre))
+    z0 = shape_rng.uniform(0.375, 0.395) * (focal / (3.0 * min(shape)))
     tilt, tilt_dir = np.radians(shape_rng.uniform(1.5, 4.0)), shape_rng.uniform(0, 2 * np.pi)
     gx, gy = np.tan(tilt) * np.cos(tilt_dir), np.tan(tilt) * np.sin(tilt_dir)
-    z_plane = z0 / (1 - gx * ray[None, :] - gy * ray[:, None])
+    z_plane = z0 / (1 - gx * ray_c[None, :] - gy * ray_r[:, None])
     pitch = z0 / focal
-    scene = _Frame(shape, np.array([-centre, -centre]) * pitch, np.array([0.0, pitch]), np.array([pitch, 0.0]))
+    scene = _Frame(shape, -centre[::-1] * pitch, np.array([0.0, pitch]), np.array([pitch, 0.0]))
 
     # object: height field in object-local coordinates, texture; background texture
     shift, rot = shape_rng.uniform(-0.005, 0.005, 2), shape_rng.uniform(0, 2 * np.pi)
@@ -426,22 +530,20 @@ def render_sample(cls: str, split: str, defect: str, index: int, size: int = 400
     gy_h, gx_h = np.gradient(height, pitch)
     drop |= (gx_h * gx_h + gy_h * gy_h > 2.5**2) & (sensor_rng.random(shape) < 0.5)
     n_blobs = sensor_rng.integers(3, 8)
-    _paint_discs(drop, sensor_rng.uniform(0, size, (n_blobs, 2)), sensor_rng.uniform(0.0003, 0.0012, n_blobs) / pitch)
+    _paint_discs(drop, sensor_rng.uniform(0, shape, (n_blobs, 2)), sensor_rng.uniform(0.0003, 0.0012, n_blobs) / pitch)
 
-    gt = np.zeros(shape, bool)
+    d = _Defect(np.zeros(shape), np.zeros(shape), np.zeros(3))
     if with_defect and defect != GOOD:
         d = _place_defect(defect_rng, defect, height, pitch, base)
         height = height + d.dh
         albedo = albedo * (1 - d.alpha[..., None]) + d.alpha[..., None] * d.colour
-        gt = d.mask
+    if not sensor:
+        depth_noise, drop = np.zeros(shape), np.zeros(shape, bool)
 
     z = z_plane - height + depth_noise
-    xyz = np.stack([ray[None, :] * z, ray[:, None] * z, z], axis=-1).astype(np.float32)
-    xyz[drop] = 0.0
-    rgb = np.clip(np.rint(albedo * _shading(height, pitch)[..., None] + pixel_noise), 0, 255).astype(np.uint8)
     plane = np.array([gx, gy, -1.0, z0]) / np.sqrt(gx * gx + gy * gy + 1)
-    return SyntheticSample(xyz=xyz, rgb=rgb, gt=(gt * 255).astype(np.uint8),
-                           object_mask=inside & ~drop, plane_mask=~inside & ~drop, plane=plane)
+    return Scene(z=z, ray_x=ray_c, ray_y=ray_r, height=height, pitch=pitch, albedo=albedo, pixel_noise=pixel_noise,
+                 drop=drop, inside=inside, gt=d.mask, dh=d.dh, alpha=d.alpha, plane=plane)
 
 
 # ----------------------------------------------------------------------------- data set
@@ -472,29 +574,31 @@ class SyntheticConfig:
     n_val: int = 2
     n_test_good: int = 4
     n_test_defect: int = 2
-    size: int = 400
+    size: Optional[list[int]] = None   # [side] or [H, W]; None: each class's default size
     seed: int = 0
     defects: list[str] = field(default_factory=lambda: list(DEFAULT_DEFECTS))
     workers: int = 1
     overwrite: bool = False
     background_removed: bool = False
+    format: str = "mvtec"   # or "eyecandies": the release's files (tools/synthetic/eyecandies.py)
 
 
 def generate(cfg: SyntheticConfig, progress: bool = True) -> Path:
-    """What ``tools/make_synthetic_dataset.py`` runs: :func:`generate_dataset` with ``cfg``'s options."""
+    """What ``tools/make_synthetic_dataset.py --format mvtec`` runs: :func:`generate_dataset` with ``cfg``'s options."""
     return generate_dataset(cfg.out, cfg.classes, cfg.n_train, cfg.n_val, cfg.n_test_good, cfg.n_test_defect,
                             cfg.size, cfg.seed, cfg.defects, cfg.workers, cfg.overwrite, progress,
                             cfg.background_removed)
 
 
 def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", "cookie"), n_train: int = 20,
-                     n_val: int = 2, n_test_good: int = 4, n_test_defect: int = 2, size: int = 400, seed: int = 0,
+                     n_val: int = 2, n_test_good: int = 4, n_test_defect: int = 2, size=None, seed: int = 0,
                      defects: Iterable[str] = DEFAULT_DEFECTS, workers: int = 1, overwrite: bool = False,
                      progress: bool = True, background_removed: bool = False) -> Path:
     """Write the MVTec 3D-AD layout (SPEC 1.2) for ``classes`` under ``out``; return ``out``.
 
-    ``n_test_defect`` counts per defect type; a split or defect type with count 0 gets no
-    folder. Each class is built in a hidden staging folder (``out/.synthetic-partial-*``,
+    ``size`` is one side (square images), ``(H, W)``, or None for each class's default size
+    (:func:`default_shape`). ``n_test_defect`` counts per defect type; a split or defect type
+    with count 0 gets no folder. Each class is built in a hidden staging folder (``out/.synthetic-partial-*``,
     never mistaken for a class) and moved to ``out/<cls>`` only when complete, with its
     settings in ``out/<cls>/.synthetic.json``. An existing class folder generated with
     the same settings is kept as it is (reruns are cheap); any other existing
@@ -503,29 +607,59 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
     leave them (same bytes, tested), with the generator's own plane instead of a RANSAC fit, so
     that machines without Open3D get preprocessed data.
     """
+    counts = {"n_train": n_train, "n_val": n_val, "n_test_good": n_test_good, "n_test_defect": n_test_defect}
+    classes, defects = check_request(classes, defects, counts, size, seed, workers, family_of)
+    out = Path(out)
+    shapes = {cls: default_shape(cls) if size is None else image_shape(size) for cls in classes}
+    # a square size is recorded as one number, as before non-square sizes existed
+    extra = {"background_removed": True} if background_removed else {}
+    settings = {cls: {"class": cls, **counts, "size": h if h == w else [h, w], "seed": seed, "defects": defects,
+                      **extra} for cls, (h, w) in shapes.items()}
+    plan = [("train", GOOD, n_train), ("validation", GOOD, n_val), ("test", GOOD, n_test_good)]
+    plan += [("test", d, n_test_defect) for d in defects]
+
+    def tasks(staging: Path, cls: str) -> list[tuple]:
+        return [(staging / cls / split / defect, cls, split, defect, i, shapes[cls], seed, background_removed)
+                for split, defect, n in plan for i in range(n)]
+
+    return write_classes(out, settings, tasks, _write_sample, workers, overwrite, progress)
+
+
+def check_request(classes: Iterable[str], defects: Iterable[str], counts: dict[str, int], size, seed: int,
+                  workers: int, check_class: Callable[[str], object]) -> tuple[list[str], list[str]]:
+    """The de-duplicated class and defect lists of a generator request, or :class:`SyntheticConfigError`."""
     classes, defects = list(dict.fromkeys(classes)), list(dict.fromkeys(defects))
     for cls in classes:
-        family_of(cls)
+        check_class(cls)
     for defect in defects:
         _check_defect(defect)
         if defect == GOOD:
             raise SyntheticConfigError(f"{GOOD!r} is not a defect type")
-    counts = {"n_train": n_train, "n_val": n_val, "n_test_good": n_test_good, "n_test_defect": n_test_defect}
-    if not classes or any(not 0 <= n <= 1000 for n in counts.values()) or n_train < 1 or workers < 1:
+    if not classes or any(not 0 <= n <= 1000 for n in counts.values()) or counts["n_train"] < 1 or workers < 1:
         raise SyntheticConfigError(f"need at least one class, 1 <= n_train, 0 <= counts <= 1000 and "
                                    f"workers >= 1; got classes={classes}, {counts}, workers={workers}")
-    if size < 64 or seed < 0:
-        raise SyntheticConfigError(f"need size >= 64 and seed >= 0; got size={size}, seed={seed}")
-    out = Path(out)
-    extra = {"background_removed": True} if background_removed else {}
-    settings = {cls: json.dumps({"class": cls, **counts, "size": size, "seed": seed, "defects": defects, **extra},
-                                sort_keys=True) + "\n" for cls in classes}
+    if seed < 0:
+        raise SyntheticConfigError(f"need seed >= 0; got seed={seed}")
+    if size is not None:
+        image_shape(size)
+    return classes, defects
+
+
+def write_classes(out: Path, settings: dict[str, dict], tasks: Callable[[Path, str], list], write: Callable,
+                  workers: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
+    """Build every class of ``settings`` (class -> its generator settings) in a hidden staging
+    folder and move it to ``out/<cls>`` when complete (see :func:`generate_dataset`).
+
+    ``tasks(staging, cls)`` lists the jobs of a class, ``write(job)`` writes one of them (in a
+    worker process). A class whose ``out/<cls>/.synthetic.json`` holds the same settings is kept.
+    """
+    text = {cls: json.dumps(v, sort_keys=True) + "\n" for cls, v in settings.items()}
 
     def up_to_date(cls: str) -> bool:
         marker = out / cls / MARKER
-        return marker.is_file() and marker.read_text(encoding="utf-8") == settings[cls]
+        return marker.is_file() and marker.read_text(encoding="utf-8") == text[cls]
 
-    todo = [cls for cls in classes if overwrite or not up_to_date(cls)]
+    todo = [cls for cls in settings if overwrite or not up_to_date(cls)]
     clash = [out / cls for cls in todo if (out / cls).exists() and not overwrite]
     if clash:
         raise DataError(f"{clash[0]}: already exists with other contents or settings; "
@@ -536,15 +670,12 @@ def generate_dataset(out: str | os.PathLike, classes: Iterable[str] = ("bagel", 
 
     staging = Path(tempfile.mkdtemp(prefix=".synthetic-partial-", dir=out))
     try:
-        plan = [("train", GOOD, n_train), ("validation", GOOD, n_val), ("test", GOOD, n_test_good)]
-        plan += [("test", d, n_test_defect) for d in defects]
-        tasks = [(staging / cls / split / defect, cls, split, defect, i, size, seed, background_removed)
-                 for cls in todo for split, defect, n in plan for i in range(n)]
-        with tqdm(total=len(tasks), desc="synthetic samples", unit="sample", disable=not progress) as bar:
-            for _ in ordered_map(_write_sample, tasks, workers):
+        jobs = [job for cls in todo for job in tasks(staging, cls)]
+        with tqdm(total=len(jobs), desc="synthetic samples", unit="sample", disable=not progress) as bar:
+            for _ in ordered_map(write, jobs, workers):
                 bar.update()
         for cls in todo:
-            write_text(staging / cls / MARKER, settings[cls])
+            write_text(staging / cls / MARKER, text[cls])
             target = out / cls
             if target.exists():  # move the old folder into staging; it is deleted with it
                 os.replace(target, staging / f"old-{cls}")
