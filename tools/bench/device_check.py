@@ -11,7 +11,8 @@ holds every measurement, ``summary.md`` the short version):
    ``cut_patches.py`` and ``main.py`` again on the CPU with the same inputs and checkpoint: the
    patch files must be identical and the result tables within :data:`TABLE_TOLERANCE`.
 4. ``benchmark``: ``tools/benchmark.py`` on the device at 800 x 800 (patches, training with its
-   plain / ``--amp`` / ``--compile`` modes, inference), against the authors' way on the same device.
+   plain / ``--amp`` / ``--compile`` modes, inference), against the authors' way on the same device,
+   and inference in each ``--precision`` (fp32, tf32, bf16 on CUDA) with its fidelity against fp32.
 
 Preprocessing is a CPU stage (Open3D's RANSAC); where Open3D is not installed (the GPU images
 here) the synthetic data are generated already preprocessed (``--background_removed``, the same
@@ -43,6 +44,7 @@ from tools.runner.pipeline import REPO, DemoConfig, StepFailed, run_pipeline, ru
 from utils.device import resolve_device
 from utils.errors import ConfigError
 from utils.io import write_text
+from utils.precision import cpu_bf16_units
 
 STEPS = ("environment", "cuda_tests", "pipeline", "benchmark")
 # The same set on the device and on the CPU: the patch files are identical (same float32 distance
@@ -144,7 +146,7 @@ def pipeline(cfg: DeviceCheckConfig, work: Path, out: Path) -> dict:
     shutil.rmtree(base, ignore_errors=True)
     sizes = (dict(n_train=3, n_test_good=1, defects=["bump", "stain"], pretrain_clouds=1, epochs=0, batch_size=8)
              if cfg.quick else dict(n_train=8, n_test_good=2, pretrain_clouds=2, epochs=1, batch_size=16))
-    demo = DemoConfig(classes=["bagel"], n_val=0, n_test_defect=1, size=400, rgb_backbone="wide_resnet50_2",
+    demo = DemoConfig(classes=["bagel"], n_val=0, n_test_defect=1, size=[400], rgb_backbone="wide_resnet50_2",
                       rgb_weights="random", device=cfg.device, background_removed=not _has("open3d"),
                       workers=2, seed=cfg.seed, viz=False, save_maps=False, **sizes)
     log = out / "pipeline.log"
@@ -186,10 +188,19 @@ def pipeline(cfg: DeviceCheckConfig, work: Path, out: Path) -> dict:
     return out_
 
 
+def benchmark_precisions(device: str) -> list[str]:
+    """The precisions the benchmark compares on ``device``: on CUDA fp32, tf32 and bf16; on a CPU fp32,
+    and bf16 where the CPU has bfloat16 units (tf32 is refused on a CPU)."""
+    if device.startswith("cuda"):
+        return ["fp32", "tf32", "bf16"]
+    return ["fp32"] + (["bf16"] if cpu_bf16_units() else [])
+
+
 def benchmark(cfg: DeviceCheckConfig, work: Path, out: Path) -> dict:
     bench = BenchConfig(out=work / "bench", stages=["patches", "training", "inference"], classes=["bagel"],
                         size=cfg.bench_size, n_train=6, n_test_good=2, n_test_defect=1, workers=4,
-                        subset=1, device=cfg.device, seed=cfg.seed, quick=cfg.quick, background_removed=True)
+                        subset=1, device=cfg.device, seed=cfg.seed, quick=cfg.quick, background_removed=True,
+                        precision=benchmark_precisions(cfg.device))
     log = out / "benchmark.log"
     with open(log, "w", encoding="utf-8") as fh:
         stdout = sys.stdout
