@@ -54,7 +54,8 @@ class PointNetEncoder(nn.Module):
     def latents(self, points: torch.Tensor, chunk: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Inference latents (G, 128) float32 of patches (G, P, 3), ``chunk`` patches per call (eval mode).
 
-        float32: :meth:`forward`'s result bit for bit (SPEC 12.3), with the max over points taken
+        float32: :meth:`forward`'s function (SPEC 12.3; the same bits where the CPU's BatchNorm kernel
+        rounds every tensor shape alike, as with AVX-512), with the max over points taken
         before the last BatchNorm + ReLU. Another ``dtype`` (bfloat16): :meth:`folded_layers`,
         the three point-wise layers in ``dtype``, the pooled head in float32 (SPEC 12.4). The dtypes
         are explicit: an enclosing autocast region does not change them.
@@ -68,7 +69,7 @@ class PointNetEncoder(nn.Module):
             return torch.cat([self._folded(part, layers) for part in points.split(chunk)])
 
     def _exact(self, points: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` in eval mode, bit for bit, without two passes over the (B, 1024, P) activation.
+        """:meth:`forward` in eval mode without two passes over the (B, 1024, P) activation.
 
         BatchNorm in eval mode and ReLU act on each channel by a monotone function (rounding
         included): non-decreasing where the BatchNorm weight is >= 0, non-increasing where it is

@@ -6,6 +6,7 @@ from torch import nn
 
 from core.patch_files import load_grid, normalize_patches
 from core.sdf_model import (CheckpointError, SDFModel, load_sdf_checkpoint, save_sdf_checkpoint)
+from tests.core.test_memory import SIGMAS, encoder_rounding_scale
 
 # SPEC 4.4, written out in the authors' order.
 _BN = {1: 64, 2: 128, 3: 1024, 4: 512, 5: 128}
@@ -239,19 +240,27 @@ def _parity_patches(parity_dir, n):
     return normalize_patches(torch.from_numpy(points))[:n]
 
 
-def test_encoder_latents_are_the_forward_bit_for_bit(parity_ckpt, parity_dir):
-    """SPEC 12.3: BatchNorm + ReLU after the max over points gives the module's forward exactly."""
+def _within_rounding(out: torch.Tensor, ref: torch.Tensor, encoder, points: torch.Tensor) -> bool:
+    """``out`` and ``ref`` differ by at most the float32 rounding of two encoder evaluations."""
+    return bool(((out - ref).abs() <= SIGMAS * encoder_rounding_scale(encoder, points)).all())
+
+
+def test_encoder_latents_are_the_forward(parity_ckpt, parity_dir):
+    """SPEC 12.3: BatchNorm + ReLU after the max over points is the module's forward. The per-element
+    map is the same, so the bits agree where the CPU's BatchNorm kernel computes a (B, 1024, 1) and a
+    (B, 1024, 500) tensor alike (AVX-512 here: bit for bit); a scalar kernel may round one of them
+    differently, so the test allows the rounding of two evaluations."""
     model, _ = load_sdf_checkpoint(parity_ckpt)
     points = _parity_patches(parity_dir, 23)
     with torch.no_grad():
         for chunk in (4, 5):                        # 23 = 5 x 4 + 3, 4 x 5 + 3: a short last chunk
             ref = torch.cat([model.encoder(part) for part in points.split(chunk)])
             out = model.encoder.latents(points, chunk)
-            assert out.dtype == torch.float32 and torch.equal(out, ref)
+            assert out.dtype == torch.float32 and _within_rounding(out, ref, model.encoder, points)
 
 
 def test_encoder_latents_take_the_min_where_batchnorm_flips(parity_ckpt, parity_dir):
-    """A negative BatchNorm weight turns the max into a min (SPEC 12.3); the result is still exact."""
+    """A negative BatchNorm weight turns the max into a min (SPEC 12.3); the result is still the forward's."""
     model, _ = load_sdf_checkpoint(parity_ckpt)
     bn3 = model.encoder.bn3
     gen = torch.Generator().manual_seed(3)
@@ -261,13 +270,14 @@ def test_encoder_latents_take_the_min_where_batchnorm_flips(parity_ckpt, parity_
         assert (bn3.weight < 0).sum() > 400
         points = _parity_patches(parity_dir, 8)
         ref = model.encoder(points)
-        assert torch.equal(model.encoder.latents(points, 4), ref)
-        # the max alone would be wrong: the min branch is what makes it exact
+        assert _within_rounding(model.encoder.latents(points, 4), ref, model.encoder, points)
+        # the max alone would be wrong: the min branch is what makes it right
         x = points.transpose(1, 2)
         x = model.encoder.conv3(torch.relu(model.encoder.bn2(model.encoder.conv2(
             torch.relu(model.encoder.bn1(model.encoder.conv1(x)))))))
         max_only = torch.relu(bn3(x.amax(2, keepdim=True))).squeeze(2)
-        assert not torch.equal(max_only, torch.relu(bn3(x)).amax(2))
+        truth = torch.relu(bn3(x)).amax(2)
+        assert float((max_only - truth).abs().max()) > 0.1 * float(truth.abs().max())
 
 
 def test_folded_encoder_equals_forward_up_to_rounding(parity_ckpt, parity_dir):
