@@ -11,7 +11,7 @@ In ``<output_dir>/<YYYY-mm-dd-HH-MM-SS>-result/`` (a new folder per run):
   and ``alignment.txt`` (one process: rewritten after every class; under torchrun: by rank 0
   once every class is done);
 * last, from the classes' :class:`ClassSummary` records (small, picklable: what rank 0
-  gathers under torchrun): ``timing.json`` (seconds per class and step, and the rank that
+  gathers under torchrun): ``timing.json`` (seconds per class, phase and stage, and the rank that
   ran the class), ``results.json`` (every number, unrounded) and ``results.txt`` (the
   reference's three tables, then the native-protocol table). A run that stopped early has no
   ``results.txt``.
