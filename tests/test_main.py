@@ -58,7 +58,7 @@ from tools.bench.precision import fidelity
 from utils.blur import blur_map, blurred_levels
 from utils.io import read_gray, write_xyz
 from utils.manifest import sha256_file
-from utils.precision import cpu_bf16_units
+from utils.precision import cpu_bf16_unavailable
 from utils.reporting import METHODS, NATIVE_TITLE
 
 CLS = "torus"
@@ -293,8 +293,8 @@ def test_fp32_run_records_its_precision(parity_run):
 
 @pytest.fixture(scope="module")
 def bf16_run(parity_dir, tmp_path_factory):
-    if not cpu_bf16_units():
-        pytest.skip("this CPU has no bfloat16 matrix units (avx512_bf16 / amx_bf16): --precision bf16 runs fp32")
+    if why := cpu_bf16_unavailable():
+        pytest.skip(f"{why}: --precision bf16 runs fp32")
     out = tmp_path_factory.mktemp("parity_bf16")
     cfg, _ = main_cli.parse_args(_argv(parity_dir, out, "--precision", "bf16"))
     return run(cfg)

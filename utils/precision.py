@@ -3,7 +3,8 @@
 * ``fp32`` (default): IEEE float32 everywhere, the faithful computation. On CUDA the region
   also turns off TF32 for convolutions (cuDNN allows it by default), so float32 means float32.
 * ``bf16``: the networks run in bfloat16 (autocast on CPU or CUDA) where the hardware has
-  bfloat16 matrix units: a CPU with AVX512-BF16 or AMX, a CUDA device that supports bfloat16.
+  bfloat16 matrix units: a CPU with AVX512-BF16 or AMX (and oneDNN not capped below them by
+  ``ONEDNN_MAX_CPU_ISA``), a CUDA device that supports bfloat16.
   Elsewhere bfloat16 would be emulated, slower than float32: one warning says so and float32
   runs instead.
 * ``tf32``: CUDA only; float32 tensors with TF32 matrix products and convolutions (Ampere or
@@ -16,6 +17,7 @@ the dtypes it always had.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -44,6 +46,26 @@ def cpu_bf16_units() -> list[str]:
     except OSError:
         flags = []
     return [flag for flag in _CPU_BF16_FLAGS if flag in flags]
+
+
+# oneDNN's ISA names below the first with bfloat16 dot products (its ONEDNN_MAX_CPU_ISA values, in order)
+_ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def cpu_bf16_unavailable() -> str:
+    """Why torch's CPU kernels cannot use bfloat16 matrix units here ("" when they can).
+
+    Either the CPU has none (:func:`cpu_bf16_units`), or oneDNN, which runs torch's bfloat16
+    matrix products, is capped below them by ``ONEDNN_MAX_CPU_ISA`` (or its older name
+    ``DNNL_MAX_CPU_ISA``), as when other CPUs' kernels are emulated.
+    """
+    if not cpu_bf16_units():
+        return "this CPU has no bfloat16 matrix units (neither avx512_bf16 nor amx_bf16)"
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        cap = os.environ.get(name, "").strip().upper()
+        if cap in _ONEDNN_BELOW_BF16:
+            return f"{name}={cap} keeps oneDNN below its bfloat16 kernels (AVX512_CORE_BF16)"
+    return ""
 
 
 def cuda_bf16_supported(device: torch.device) -> bool:
@@ -139,9 +161,8 @@ def resolve_precision(requested: str, device: torch.device, option: str = "--pre
     elif requested == "bf16":
         if device.type == "cuda" and not cuda_bf16_supported(device):
             reason = f"{torch.cuda.get_device_name(device)} has no native bfloat16; fp32 runs instead"
-        elif device.type == "cpu" and not cpu_bf16_units():
-            reason = ("this CPU has no bfloat16 matrix units (neither avx512_bf16 nor amx_bf16), so bfloat16 "
-                      "would be emulated and slower than float32; fp32 runs instead")
+        elif device.type == "cpu" and (why := cpu_bf16_unavailable()):
+            reason = f"{why}, so bfloat16 would be emulated and slower than float32; fp32 runs instead"
     if reason:
         warnings.warn(f"{option} {requested}: {reason}", PrecisionWarning, stacklevel=2)
         return Precision(requested, "fp32", reason)

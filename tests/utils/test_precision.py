@@ -52,6 +52,8 @@ def test_bf16_without_units_warns_and_runs_fp32(monkeypatch):
 
 def test_bf16_with_units_runs_under_bf16_autocast(monkeypatch):
     monkeypatch.setattr(P, "cpu_bf16_units", lambda: ["avx512_bf16"])
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):   # set when other CPUs' kernels are emulated
+        monkeypatch.delenv(cap, raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # no warning when the units exist
         prec = P.resolve_precision("bf16", CPU)
@@ -72,3 +74,17 @@ def test_tf32_flags_are_set_and_restored():
     with pytest.raises(RuntimeError), P.tf32_allowed(True):
         raise RuntimeError("restored on errors too")
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+@pytest.mark.parametrize("cap, usable", [("SSE41", False), ("avx2", False), ("AVX512_CORE_VNNI", False),
+                                         ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("", True)])
+def test_a_onednn_cap_below_bf16_runs_fp32(monkeypatch, cap, usable):
+    """Emulating another CPU with ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 makes bf16 emulated: fp32 runs."""
+    monkeypatch.setattr(P, "cpu_bf16_units", lambda: ["avx512_bf16"])
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    if usable:
+        assert P.cpu_bf16_unavailable() == "" and P.resolve_precision("bf16", CPU).effective == "bf16"
+        return
+    with pytest.warns(P.PrecisionWarning, match=rf"ONEDNN_MAX_CPU_ISA={cap.upper()} keeps oneDNN below"):
+        assert P.resolve_precision("bf16", CPU).effective == "fp32"

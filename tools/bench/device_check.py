@@ -44,7 +44,7 @@ from tools.runner.pipeline import REPO, DemoConfig, StepFailed, run_pipeline, ru
 from utils.device import resolve_device
 from utils.errors import ConfigError
 from utils.io import write_text
-from utils.precision import cpu_bf16_units
+from utils.precision import cpu_bf16_unavailable
 
 STEPS = ("environment", "cuda_tests", "pipeline", "benchmark")
 # The same set on the device and on the CPU: the patch files are identical (same float32 distance
@@ -190,10 +190,10 @@ def pipeline(cfg: DeviceCheckConfig, work: Path, out: Path) -> dict:
 
 def benchmark_precisions(device: str) -> list[str]:
     """The precisions the benchmark compares on ``device``: on CUDA fp32, tf32 and bf16; on a CPU fp32,
-    and bf16 where the CPU has bfloat16 units (tf32 is refused on a CPU)."""
+    and bf16 where torch can use the CPU's bfloat16 units (tf32 is refused on a CPU)."""
     if device.startswith("cuda"):
         return ["fp32", "tf32", "bf16"]
-    return ["fp32"] + (["bf16"] if cpu_bf16_units() else [])
+    return ["fp32"] + ([] if cpu_bf16_unavailable() else ["bf16"])
 
 
 def benchmark(cfg: DeviceCheckConfig, work: Path, out: Path) -> dict:
