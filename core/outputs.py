@@ -54,7 +54,7 @@ class ClassResult:
     masks: np.ndarray              # (T, 224, 224) float32 {0, 1}
     metrics: dict = field(default_factory=dict)
     thresholds: Optional[tuple[float, float]] = None
-    times: dict = field(default_factory=dict)   # phase ("memory", "alignment", "test") -> stage -> seconds
+    times: dict = field(default_factory=dict)   # phase (memory, alignment, test, metrics) -> stage -> seconds
     rgb_images: Optional[np.ndarray] = None  # (T, 224, 224, 3) uint8 inputs, kept only for --viz
     predictions: Optional[list[Prediction]] = None  # kept only with RunConfig.keep_predictions
     frames: list[NativeFrame] = field(default_factory=list)  # per sample, its native frame (SPEC 9.2)

@@ -18,7 +18,7 @@ from core.rgb_features import build_rgb_extractor
 from core.sdf_model import load_sdf_checkpoint
 from tools.authors_way.inference import agreement, authors_memory_features, authors_predict
 from tools.bench import row
-from tools.bench.precision import encoder_flops, fidelity, gemm_gflops, run_precisions
+from tools.bench.precision import encoder_flops, gemm_gflops, precision_report, run_precisions
 from utils.allocator import keep_freed_memory
 from utils.device import Timer
 
@@ -100,7 +100,7 @@ def benchmark(ctx) -> list[dict]:
                     sum(authors_times.values()) / n_ref if n_ref else None, agree=agree, note=note))
     rows += rate_rows(sdf_model, device, test_patches, ours_times["sdf_encode"], ctx.precisions)
     if set(ctx.precisions) - {"fp32"}:
-        rows += precision_rows(ctx, cls, root, grids, sdf_model, rgb)
+        rows += precision_rows(ctx, cls, root, grids, sdf_model, rgb, test_patches)
     return rows
 
 
@@ -117,37 +117,31 @@ def rate_rows(sdf_model, device, patches: int, encode_seconds: float, precisions
     return rows
 
 
-def precision_rows(ctx, cls: str, root, grids, sdf_model, rgb) -> list[dict]:
+def precision_rows(ctx, cls: str, root, grids, sdf_model, rgb, patches: int) -> list[dict]:
     """``main.py``'s per-class run in fp32 and each of ``ctx.precisions``
-    (:func:`tools.bench.precision.run_precisions`): test time per sample by stage, ratio to fp32, the
-    encoder's rate, and the fidelity of each reduced mode against fp32."""
+    (:func:`tools.bench.precision.run_precisions`, :func:`~tools.bench.precision.precision_report`): test
+    time per sample by stage, ratio to fp32, the encoder's rate on the class's ``patches`` test patches,
+    and the fidelity of each reduced mode against fp32."""
     device = ctx.device
-    cfg = RunConfig(root, grids, ctx.ckpt, classes=[cls], device=str(device), seed=ctx.seed, keep_predictions=True)
-    runs = run_precisions(cfg, ctx.precisions, sdf_model, rgb, device, [cls])
-    base = runs["fp32"][1][cls]
-    n_test = len(base.samples)
-    base_total = sum(base.times["test"].get(s, 0.0) for s in STAGES)
+    cfg = RunConfig(root, grids, ctx.ckpt, classes=[cls], device=str(device), seed=ctx.seed)
+    report = precision_report(run_precisions(cfg, ctx.precisions, sdf_model, rgb, device, [cls]), [cls], device)
+    n_test = report["test_samples"]
     rows = []
-    for mode, (precision, results) in runs.items():
-        res = results[cls]
-        test = res.times["test"]
-        patches = sum(p.sdf_features.shape[0] for p in res.predictions)
-        label = mode if precision.effective == mode else f"{mode} (ran {precision.effective})"
+    for mode, r in report["modes"].items():
+        per_sample, speed = r["test_seconds_per_sample"], r["speed_vs_fp32"]
+        label = mode if r["precision"] == mode else f"{mode} (ran {r['precision']})"
         for s in STAGES:
-            rows.append(row(STAGE, f"main.py test {label}: {s}", test.get(s, 0.0) / n_test,
-                            note=f"{base.times['test'][s] / test[s]:.2f}x the fp32 speed" if test.get(s) else ""))
+            rows.append(row(STAGE, f"main.py test {label}: {s}", per_sample[s],
+                            note=f"{speed[s]:.2f}x the fp32 speed" if s in speed else ""))
         agree = None
         if mode != "fp32":
-            f = fidelity({cls: base}, {cls: res}, [cls])
+            f = r["fidelity_vs_fp32"]
             agree = (f"vs fp32: table cells max |d| {f['table_cell_abs']:.3f} ({f['cells']} cells), image scores "
                      f"max rel {f['image_score_rel']:.1e}, blurred maps <= {f['map_levels']:.2f} levels "
                      f"(p99 {f['map_levels_p99']:.2f})")
-        total = sum(test.get(s, 0.0) for s in STAGES)
-        rows.append(row(STAGE, f"main.py test {label}: total per sample", total / n_test, agree=agree,
-                        note=f"{base_total / total:.2f}x the fp32 speed; class {cls}, {n_test} test samples"))
+        rows.append(row(STAGE, f"main.py test {label}: total per sample", sum(per_sample.values()), agree=agree,
+                        note=f"{r['total_speed_vs_fp32']:.2f}x the fp32 speed; class {cls}, {n_test} test samples"))
         rows.append(row(STAGE, f"SDF encoder rate {label} (main.py test: sdf_encode)",
-                        encoder_flops(sdf_model.encoder, patches, POINT_NUM) / test["sdf_encode"] / 1e9,
+                        encoder_flops(sdf_model.encoder, patches, POINT_NUM) / (per_sample["sdf_encode"] * n_test) / 1e9,
                         unit="GFLOPS"))
-    for _, results in runs.values():
-        results[cls].predictions = None
     return rows

@@ -137,8 +137,7 @@ class FidelityConfig:
 
 
 def compare_precisions(cfg: FidelityConfig) -> dict:
-    """Run every class in fp32 and in each of ``cfg.precision``; per mode: test seconds per sample by
-    stage, the ratio of fp32's time to the mode's, and :func:`fidelity` against fp32."""
+    """Run every class in fp32 and in each of ``cfg.precision``; :func:`precision_report` of the runs."""
     device = resolve_device(cfg.device)
     for mode in cfg.precision:
         resolve_precision(mode, device)          # a refused mode stops before any work
@@ -149,7 +148,12 @@ def compare_precisions(cfg: FidelityConfig) -> dict:
     run_cfg = RunConfig(cfg.datasets_path, cfg.grid_path, cfg.ckpt_path, classes=classes, device=str(device),
                         seed=cfg.seed, rgb_backbone=cfg.rgb_backbone, rgb_weights=cfg.rgb_weights,
                         point_num=cfg.point_num)
-    runs = run_precisions(run_cfg, cfg.precision, sdf_model, rgb, device, classes)
+    return precision_report(run_precisions(run_cfg, cfg.precision, sdf_model, rgb, device, classes), classes, device)
+
+
+def precision_report(runs: dict[str, tuple[Precision, dict]], classes: list[str], device) -> dict:
+    """What :func:`run_precisions` measured: per mode, the test seconds per sample by stage, the ratio
+    of fp32's time to the mode's (per stage and in total), and :func:`fidelity` against fp32."""
     base = runs["fp32"][1]
     n_test = sum(len(r.samples) for r in base.values())
 
